@@ -1,0 +1,1 @@
+"""Calibration: datasets, INT8 calibration feeds, exit-threshold calibration, evaluation curves."""

@@ -1,0 +1,277 @@
+"""The bundle: a directory that fully describes a deployment (see DESIGN.md, "The bundle").
+
+``manifest.json`` is validated against :data:`SCHEMA` before anything is loaded, every file it
+names must stay inside the bundle and match its sha256, and every write goes through a temporary
+path plus ``os.replace`` so that a killed compile, build or calibrate never leaves a half-written
+bundle in place of a good one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+
+from .errors import DmpoEdgeError
+from .preprocess import Preprocess
+
+__all__ = [
+    "SCHEMA_VERSION", "REGROUP_KEEP_IDX", "Bundle", "validate_manifest", "sha256_file", "write_json_atomic",
+    "atomic_directory", "safe_join",
+]
+
+SCHEMA_VERSION = 1
+FORMAT = "dmpo-edge-bundle"
+# How survivors reach the next stage: stage k>0 takes the previous stage's full ``features`` plus a
+# ``keep_idx`` (int32, survivors' rows) and gathers inside the graph, so features stay on the device.
+REGROUP_KEEP_IDX = "keep_idx_gather"
+PRECISIONS = ("fp32", "fp16", "int8")
+DTYPES = ("float32", "float16", "int32", "int64", "int8", "uint8", "bool")
+
+# A small structural schema, checked by hand so the runtime needs no jsonschema: key -> type(s).
+SCHEMA = {
+    "format": str,
+    "schema_version": int,
+    "model": dict,
+    "preprocess": dict,
+    "precision": dict,
+    "regroup": str,
+    "max_batch": int,
+    "exit_policy": str,
+    "stages": list,
+}
+STAGE_SCHEMA = {"index": int, "file": str, "sha256": str, "inputs": list, "outputs": list, "flops": (int, float),
+                "cumulative_flops": (int, float)}
+TENSOR_SCHEMA = {"name": str, "shape": list, "dtype": str}
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def safe_join(root: str, name: str, where: str = "bundle") -> str:
+    """``root/name`` refusing absolute names, '..' and links that lead outside ``root``."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or "\\" in name or "\x00" in name:
+        raise DmpoEdgeError(where, f"file name {name!r} in the manifest is not a relative path inside the bundle")
+    root_real = os.path.realpath(root)
+    full = os.path.realpath(os.path.join(root_real, name))
+    if os.path.commonpath([root_real, full]) != root_real:
+        raise DmpoEdgeError(where, f"file name {name!r} in the manifest escapes the bundle folder. Refusing to load it")
+    return full
+
+
+def _check_keys(obj, schema: dict, where: str) -> None:
+    if not isinstance(obj, dict):
+        raise DmpoEdgeError(where, f"expected an object, found {type(obj).__name__}")
+    for key, typ in schema.items():
+        if key not in obj:
+            raise DmpoEdgeError(where, f"missing key '{key}'. The manifest is incomplete; recompile the bundle")
+        val = obj[key]
+        if isinstance(val, bool) and typ in (int, (int, float)):
+            raise DmpoEdgeError(where, f"key '{key}' must be {typ}, found a boolean")
+        if not isinstance(val, typ):
+            raise DmpoEdgeError(where, f"key '{key}' must be {getattr(typ, '__name__', typ)}, found {type(val).__name__}")
+
+
+def validate_manifest(m) -> dict:
+    """Raise :class:`DmpoEdgeError` unless ``m`` is a manifest this version can run; return it."""
+    where = "manifest"
+    _check_keys(m, SCHEMA, where)
+    if m["format"] != FORMAT:
+        raise DmpoEdgeError(where, f"format is {m['format']!r}, expected {FORMAT!r}")
+    if m["schema_version"] > SCHEMA_VERSION or m["schema_version"] < 1:
+        raise DmpoEdgeError(
+            where, f"schema version {m['schema_version']} is not supported by this dmpo-edge (reads 1..{SCHEMA_VERSION}). "
+            "Upgrade dmpo-edge or recompile the bundle"
+        )
+    if m["regroup"] != REGROUP_KEEP_IDX:
+        raise DmpoEdgeError(where, f"regroup method {m['regroup']!r} is unknown, expected {REGROUP_KEEP_IDX!r}")
+    if not (1 <= m["max_batch"] <= 1 << 16):
+        raise DmpoEdgeError(where, f"max_batch {m['max_batch']} is out of range 1..65536")
+    prec = m["precision"].get("mode")
+    if prec not in PRECISIONS:
+        raise DmpoEdgeError(where, f"precision mode {prec!r} is unknown, expected one of {PRECISIONS}")
+    classes = m["model"].get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise DmpoEdgeError(where, "model.classes must be a non-empty list of class names")
+    Preprocess.from_dict(m["preprocess"])
+    stages = m["stages"]
+    if not stages or len(stages) > 64:
+        raise DmpoEdgeError(where, f"a bundle needs 1..64 stages, found {len(stages)}")
+    for k, st in enumerate(stages):
+        sw = f"manifest stage {k}"
+        _check_keys(st, STAGE_SCHEMA, sw)
+        if st["index"] != k:
+            raise DmpoEdgeError(sw, f"index is {st['index']}, expected {k} (stages must be listed in order)")
+        if len(st["sha256"]) != 64 or any(c not in "0123456789abcdef" for c in st["sha256"]):
+            raise DmpoEdgeError(sw, "sha256 is not a 64-digit hex string")
+        for t in st["inputs"] + st["outputs"]:
+            _check_keys(t, TENSOR_SCHEMA, sw + " tensor")
+            if t["dtype"] not in DTYPES:
+                raise DmpoEdgeError(sw, f"tensor {t['name']!r} has unknown dtype {t['dtype']!r}")
+            if not all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in t["shape"]):
+                raise DmpoEdgeError(sw, f"tensor {t['name']!r} has a malformed shape {t['shape']!r}")
+        outs = {t["name"] for t in st["outputs"]}
+        need = {"logits", "confidence", "prediction"} | ({"features"} if k < len(stages) - 1 else set())
+        if not need <= outs:
+            raise DmpoEdgeError(sw, f"outputs {sorted(outs)} lack {sorted(need - outs)} (the stage contract)")
+        for var in (st.get("variants") or {}).values():
+            _check_keys(var, {"file": str, "sha256": str}, sw + " variant")
+    th = m.get("thresholds")
+    if th is not None:
+        vals = th.get("values") if isinstance(th, dict) else None
+        if not isinstance(vals, list) or len(vals) != len(stages) - 1:
+            raise DmpoEdgeError(where, f"thresholds.values must list {len(stages) - 1} numbers (one per early exit)")
+        for v in vals:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+                raise DmpoEdgeError(where, f"threshold {v!r} is not a number")
+    return m
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write JSON next to ``path`` and rename it into place (a reader sees the old or the new file, never half)."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str, force: bool = False, where: str = "bundle"):
+    """Yield a temporary directory beside ``final``; on success it replaces ``final`` in one rename.
+
+    An existing ``final`` is refused unless ``force``; with ``force`` it is moved aside and deleted only
+    after the new directory is in place, so an interrupted run leaves the old bundle usable.
+    """
+    final = os.path.abspath(final)
+    parent = os.path.dirname(final)
+    if os.path.exists(final) and not force:
+        raise DmpoEdgeError(where, f"output '{final}' already exists. Pass --force to replace it or choose another -o")
+    if os.path.exists(final) and not os.path.isdir(final):
+        raise DmpoEdgeError(where, f"output '{final}' exists and is not a directory")
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.exists(final):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=parent)
+        os.rmdir(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class Bundle:
+    """A loaded, verified bundle. ``Bundle.load(path)`` checks schema, paths and checksums first."""
+
+    def __init__(self, path: str, manifest: dict):
+        self.path = os.path.abspath(path)
+        self.manifest = manifest
+
+    @classmethod
+    def load(cls, path: str, verify: bool = True) -> "Bundle":
+        where = f"bundle {path}"
+        mpath = os.path.join(path, "manifest.json")
+        if not os.path.isdir(path):
+            raise DmpoEdgeError(where, "is not a directory. Expected a bundle written by 'dmpo-edge compile'")
+        if not os.path.isfile(mpath):
+            raise DmpoEdgeError(where, "has no manifest.json. Expected a bundle written by 'dmpo-edge compile'")
+        try:
+            with open(mpath, "rb") as f:
+                raw = f.read(16 << 20)
+            manifest = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise DmpoEdgeError(where, f"manifest.json is not valid JSON ({exc}). The bundle is damaged; recompile or copy it again") from None
+        try:
+            validate_manifest(manifest)
+        except DmpoEdgeError as exc:
+            raise DmpoEdgeError(where, f"{exc.where}: {exc.message}") from None
+        b = cls(path, manifest)
+        if verify:
+            b.verify()
+        return b
+
+    def verify(self) -> None:
+        """Every file named by the manifest exists inside the bundle and matches its sha256."""
+        for st in self.stages:
+            entries = [(st["file"], st["sha256"])] + [(v["file"], v["sha256"]) for v in (st.get("variants") or {}).values()]
+            for name, digest in entries:
+                p = safe_join(self.path, name, f"bundle {self.path}")
+                if not os.path.isfile(p):
+                    raise DmpoEdgeError(f"bundle {self.path}", f"stage file '{name}' is missing. Copy the whole bundle folder again")
+                if sha256_file(p) != digest:
+                    raise DmpoEdgeError(
+                        f"bundle {self.path}",
+                        f"stage file '{name}' fails its sha256 check (damaged or edited). Copy the bundle again or recompile",
+                    )
+
+    # --- accessors -------------------------------------------------------------------------
+    @property
+    def stages(self) -> list:
+        return self.manifest["stages"]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def classes(self) -> list:
+        return self.manifest["model"]["classes"]
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess.from_dict(self.manifest["preprocess"])
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["precision"]["mode"]
+
+    @property
+    def max_batch(self) -> int:
+        return self.manifest["max_batch"]
+
+    @property
+    def thresholds(self):
+        th = self.manifest.get("thresholds")
+        return None if th is None else [float(v) for v in th["values"]]
+
+    @property
+    def cumulative_flops(self) -> list:
+        return [float(s["cumulative_flops"]) for s in self.stages]
+
+    def stage_path(self, k: int, variant: str | None = None) -> str:
+        st = self.stages[k]
+        name = st["file"]
+        if variant and variant in (st.get("variants") or {}):
+            name = st["variants"][variant]["file"]
+        return safe_join(self.path, name, f"bundle {self.path}")
+
+    def update_manifest(self, changes: dict) -> None:
+        """Merge top-level ``changes`` into the manifest and write it atomically (calibrate uses this)."""
+        m = dict(self.manifest)
+        m.update(changes)
+        validate_manifest(m)
+        write_json_atomic(os.path.join(self.path, "manifest.json"), m)
+        self.manifest = m
