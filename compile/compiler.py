@@ -1,0 +1,478 @@
+"""``model.pt`` -> bundle: split, export, simplify, check parity, set precision, check ops, report, write.
+
+Python API::
+
+    from dmpo_edge.compile import compile_bundle
+    bundle = compile_bundle("out/model.pt", "out/bundle_int8", precision="int8", calib="digits:train")
+
+Everything happens inside :func:`dmpo_edge.bundle.atomic_directory`: the bundle appears complete or not at all,
+and an existing output is refused unless ``force``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+
+from .._lazy import available, require
+from ..bundle import REGROUP_KEEP_IDX, SCHEMA_VERSION, Bundle, atomic_directory, sha256_file, write_json_atomic
+from ..errors import DmpoEdgeError
+from ..policies import POLICIES
+from ..preprocess import Preprocess
+from .data import load_compile_data
+from .export import DEFAULT_OPSET, check_model, export_stage, simplify
+from .graph import drop_output, ensure_node_names, exit_head_nodes, io_specs, is_second_order_head, load_model, opset_of, save_model
+from .onnxrun import run_chain
+from .opcheck import check_tensorrt_ops
+from .parity import PARITY_TOL, stage_parity
+from .report import loud_warnings, precision_report
+from .stages import FEATURES, FEATURES_IN, split_stages
+
+__all__ = ["compile_bundle", "compile_model", "tool_versions", "PRECISIONS", "stage_flops"]
+
+PRECISIONS = ("fp32", "fp16", "int8")
+PARITY_IMAGES = 64
+#: an INT8 exit head that loses more than this many points (stage alone, FP32 inputs) is kept in FP32
+HEAD_DROP_POINTS = 0.5
+CPU_TIMING_BATCH = 32
+
+
+def tool_versions() -> dict:
+    """Versions of the packages that shaped the graphs (recorded in the manifest's precision provenance)."""
+    from importlib import metadata
+
+    out = {}
+    for mod, dist in (("torch", "torch"), ("onnx", "onnx"), ("onnxruntime", "onnxruntime"), ("modelopt", "nvidia-modelopt"),
+                      ("onnxsim", "onnxsim"), ("onnxslim", "onnxslim"), ("onnxconverter_common", "onnxconverter-common"),
+                      ("dmpo_edge", "dmpo-edge")):
+        try:
+            out[mod] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[mod] = None
+    return out
+
+
+def stage_flops(stage_modules: list, example) -> list:
+    """Per-sample FLOPs of each stage module (trunk part + exit head), for models without recorded metrics."""
+    torch = require("torch", "counting FLOPs")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = []
+    x = example[:1]
+    with torch.no_grad():
+        for k, mod in enumerate(stage_modules):
+            args = (x,) if k == 0 else (x, torch.zeros(1, dtype=torch.int32))
+            with FlopCounterMode(display=False) as counter:
+                outs = mod(*args)
+            flops.append(float(counter.get_total_flops()))
+            if k < len(stage_modules) - 1:
+                x = outs[0]
+    return flops
+
+
+def _progress(total: int, enabled: bool):
+    if enabled and available("tqdm"):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc="compile", unit="step", file=sys.stderr, leave=True, dynamic_ncols=True)
+
+    class _Null:
+        def update(self, n=1):
+            pass
+
+        def set_postfix_str(self, s):
+            pass
+
+        def close(self):
+            pass
+
+    return _Null()
+
+
+def _check_args(precision, exit_policy, max_batch, calib_count, out_dir, force):
+    if precision not in PRECISIONS:
+        raise DmpoEdgeError("compile", f"unknown precision '{precision}'. Expected one of {', '.join(PRECISIONS)}")
+    if exit_policy not in POLICIES:
+        raise DmpoEdgeError("compile", f"unknown exit policy '{exit_policy}'. Expected one of {', '.join(POLICIES)}")
+    if not isinstance(max_batch, int) or isinstance(max_batch, bool) or not 1 <= max_batch <= 1 << 16:
+        raise DmpoEdgeError("compile", f"--max-batch {max_batch!r} must be an integer in 1..65536")
+    if not isinstance(calib_count, int) or calib_count < 1:
+        raise DmpoEdgeError("compile", f"--calib-count {calib_count!r} must be a positive integer")
+    if os.path.exists(out_dir) and not force:
+        raise DmpoEdgeError("compile", f"output '{os.path.abspath(out_dir)}' already exists. Pass --force to replace it or choose another -o")
+
+
+def _random_images(pre: Preprocess, n: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    h, w = pre.size
+    return pre([rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for _ in range(n)])
+
+
+def _stage_inputs(chain_out: list, k: int, x: np.ndarray) -> dict:
+    """Stage k's feeds on a dataset, from an FP32 chain run (keep_idx = arange: every row survives)."""
+    if k == 0:
+        return {"input": x}
+    feats = chain_out[k]["input"]
+    return {FEATURES_IN: feats, "keep_idx": np.arange(feats.shape[0], dtype=np.int32)}
+
+
+def _stage_accuracy(path: str, inputs: dict, labels, ref_pred) -> tuple:
+    """(accuracy or None, agreement with the FP32 prediction) of one stage graph on prepared inputs."""
+    from .int8 import batched_feeds
+    from .onnxrun import session
+
+    sess = session(path)
+    preds = []
+    for f in batched_feeds(inputs, 64):
+        names = [o.name for o in sess.get_outputs()]
+        preds.append(dict(zip(names, sess.run(None, f)))["prediction"])
+    pred = np.concatenate(preds).astype(np.int64)
+    acc = None if labels is None else float((pred == labels).mean())
+    return acc, float((pred == np.asarray(ref_pred)).mean())
+
+
+def compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", calib: str | None = None, calib_count: int = 256,
+                  holdout: str | None = None, max_batch: int = 64, exit_policy: str = "max_softmax", force: bool = False,
+                  opset: int = DEFAULT_OPSET, exporter: str = "auto", calib_method: str = "entropy", fp16_tool: str = "auto",
+                  int8_tool: str = "auto", cpu_format: str = "auto", parity_tol: float = PARITY_TOL, build: str = "auto",
+                  name: str | None = None, source: dict | None = None, progress: bool = True, build_options: dict | None = None,
+                  log=None) -> Bundle:
+    """Compile an in-memory :class:`EarlyExitModel` with its checkpoint ``meta`` into a bundle at ``out_dir``."""
+    t_start = time.perf_counter()
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    _check_args(precision, exit_policy, max_batch, calib_count, out_dir, force)
+    torch = require("torch", "compiling a model")
+    K = int(model.num_stages)
+    classes = [str(c) for c in meta.get("classes") or []]
+    cfg = dict(meta.get("config") or getattr(model, "config", {}) or {})
+    num_classes = int(cfg.get("num_classes") or len(classes))
+    if not classes:
+        classes = [str(i) for i in range(num_classes)]
+    if len(classes) != num_classes:
+        raise DmpoEdgeError("compile", f"the checkpoint lists {len(classes)} classes for a model with {num_classes} outputs")
+    pre = Preprocess.from_dict(meta.get("preprocess") or {})
+    data = load_compile_data(pre, classes, calib, calib_count, holdout, need_calib=precision == "int8")
+    timings = {}
+
+    steps = 2 * K + 4
+    bar = _progress(steps, progress)
+    scratch = tempfile.mkdtemp(prefix="dmpo-compile-")
+    try:
+        with atomic_directory(out_dir, force=force, where="compile") as bundle_dir:
+            # ---- split + export + simplify ------------------------------------------------------------
+            t0 = time.perf_counter()
+            model.eval()
+            modules = split_stages(model, exit_policy, probe=True)
+            parity_x = (data.holdout_x if data.holdout_x is not None else data.calib_x)
+            parity_src = (data.holdout_info or data.calib_info or {}).get("source", "random images")
+            if parity_x is None:
+                parity_x = _random_images(pre, PARITY_IMAGES)
+            parity_x = parity_x[:PARITY_IMAGES]
+            fp32_dir = os.path.join(scratch, "fp32")
+            os.makedirs(fp32_dir)
+            fp32_paths, heads, exporters, simplifiers = [], [], [], []
+            x_t = torch.from_numpy(parity_x[: min(4, len(parity_x))])
+            feats = None
+            for k, mod in enumerate(modules):
+                bar.set_postfix_str(f"export stage {k}")
+                if k == 0:
+                    args = (x_t,)
+                else:
+                    args = (feats, torch.tensor(np.arange(feats.shape[0] - 1, -1, -1), dtype=torch.int32))
+                with torch.no_grad():
+                    outs = mod(*args)
+                path = os.path.join(fp32_dir, f"stage_{k}.onnx")
+                exporters.append(export_stage(mod, args, path, opset=opset, exporter=exporter))
+                simplifiers.append(simplify(path))
+                m = ensure_node_names(load_model(path))  # the precision tools select nodes by name
+                head = exit_head_nodes(m, mod.io.trunk_output)
+                heads.append({"nodes": sorted(head), "second_order": is_second_order_head(m, head)})
+                if mod.io.last:
+                    drop_output(m, mod.io.trunk_output)
+                check_model(m, where=f"stage {k}")
+                save_model(m, path)
+                fp32_paths.append(path)
+                feats = outs[0]
+                bar.update()
+            timings["export_s"] = time.perf_counter() - t0
+
+            # ---- parity with torch ----------------------------------------------------------------------
+            t0 = time.perf_counter()
+            bar.set_postfix_str("parity")
+            parity = stage_parity(modules, fp32_paths, parity_x, tol=parity_tol)
+            parity["inputs"] = parity_src
+            bar.update()
+            timings["parity_s"] = time.perf_counter() - t0
+
+            # ---- FP32 chain on calibration and held-out data ---------------------------------------------
+            t0 = time.perf_counter()
+            calib_chain = run_chain(fp32_paths, data.calib_x, collect_inputs=True) if data.calib_x is not None else None
+            hold_chain = run_chain(fp32_paths, data.holdout_x, collect_inputs=True) if data.holdout_x is not None else None
+            timings["fp32_chain_s"] = time.perf_counter() - t0
+
+            # ---- precision -------------------------------------------------------------------------------
+            t0 = time.perf_counter()
+            stage_files, cpu_files, prec = _apply_precision(
+                precision, K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, opset, calib_method,
+                fp16_tool, int8_tool, cpu_format, bar,
+            )
+            timings["precision_s"] = time.perf_counter() - t0
+
+            # ---- TensorRT op check -----------------------------------------------------------------------
+            bar.set_postfix_str("TensorRT op check")
+            for k, p in enumerate(stage_files):
+                check_tensorrt_ops(load_model(p), k, what=f"{precision} stage graph")
+
+            # ---- precision report ------------------------------------------------------------------------
+            t0 = time.perf_counter()
+            bar.set_postfix_str("accuracy report")
+            reports = {"parity": "reports/parity.json"}
+            prec_report = None
+            if precision != "fp32" and hold_chain is not None:
+                variants = {precision: run_chain(stage_files, data.holdout_x)}
+                if cpu_files:
+                    variants[f"{precision}-cpu"] = run_chain(cpu_files, data.holdout_x)
+                prec_report = precision_report(hold_chain, variants, data.holdout_y, data.holdout_info)
+                reports["precision"] = "reports/precision.json"
+            bar.update()
+            timings["report_s"] = time.perf_counter() - t0
+
+            # ---- write the bundle ------------------------------------------------------------------------
+            bar.set_postfix_str("write bundle")
+            flops = _flops(meta, modules, parity_x, K)
+            os.makedirs(os.path.join(bundle_dir, "reports"), exist_ok=True)
+            stages = []
+            cum = 0.0
+            for k in range(K):
+                fname = f"stage_{k}.onnx"
+                shutil.copyfile(stage_files[k], os.path.join(bundle_dir, fname))
+                ins, outs_ = io_specs(load_model(stage_files[k]))
+                cum += flops[k]
+                entry = {"index": k, "file": fname, "sha256": sha256_file(os.path.join(bundle_dir, fname)),
+                         "inputs": ins, "outputs": outs_, "flops": float(flops[k]),
+                         "cumulative_flops": float(meta_cum(meta, k, cum))}
+                entry["opset"] = opset_of(load_model(stage_files[k]))
+                if cpu_files:
+                    cname = f"stage_{k}.cpu.onnx"
+                    shutil.copyfile(cpu_files[k], os.path.join(bundle_dir, cname))
+                    entry["variants"] = {"cpu": {"file": cname, "sha256": sha256_file(os.path.join(bundle_dir, cname)),
+                                                 "format": prec.get("cpu_variant", {}).get("format")}}
+                stages.append(entry)
+            prec.update({
+                "exporter": sorted(set(exporters)), "simplifier": sorted(set(simplifiers)), "opset": opset,
+                "tools": tool_versions(),
+            })
+            manifest = {
+                "format": "dmpo-edge-bundle", "schema_version": SCHEMA_VERSION,
+                "model": {"name": name or cfg.get("name") or cfg.get("backbone") or "model", "backbone": cfg.get("backbone"),
+                          "classes": classes, "num_classes": num_classes, "config": cfg, "source": source or {}},
+                "preprocess": pre.to_dict(), "precision": prec, "regroup": REGROUP_KEEP_IDX, "max_batch": int(max_batch),
+                "exit_policy": exit_policy, "stages": stages, "thresholds": None,
+                "metrics": dict(meta.get("metrics") or {}), "reports": reports,
+                "created": {"utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                            "compile_s": None},
+            }
+            write_json_atomic(os.path.join(bundle_dir, "reports", "parity.json"), parity)
+            if prec_report is not None:
+                write_json_atomic(os.path.join(bundle_dir, "reports", "precision.json"), prec_report)
+            timings["total_s"] = time.perf_counter() - t_start
+            manifest["created"]["compile_s"] = round(timings["total_s"], 2)
+            manifest["created"]["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
+            write_json_atomic(os.path.join(bundle_dir, "manifest.json"), manifest)
+            Bundle.load(bundle_dir)  # the bundle must verify before it replaces anything
+            bar.update()
+    finally:
+        bar.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    for line in loud_warnings(prec_report or {}):
+        log(line)
+    bundle = Bundle.load(out_dir)
+    _maybe_build(bundle, build, build_options or {}, log)
+    return bundle
+
+
+def meta_cum(meta: dict, k: int, running: float) -> float:
+    """Cumulative FLOPs to exit k: the checkpoint's record when it has one, else the running sum."""
+    cum = (meta.get("metrics") or {}).get("cumulative_flops")
+    if isinstance(cum, list) and len(cum) > k and isinstance(cum[k], (int, float)):
+        return float(cum[k])
+    return running
+
+
+def _flops(meta: dict, modules, x, K) -> list:
+    m = meta.get("metrics") or {}
+    sf = m.get("stage_flops")
+    if isinstance(sf, list) and len(sf) == K and all(isinstance(v, (int, float)) for v in sf):
+        return [float(v) for v in sf]
+    torch = require("torch", "counting FLOPs")
+    return stage_flops(modules, torch.from_numpy(x[:1]))
+
+
+def _apply_precision(precision, K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, opset, calib_method,
+                     fp16_tool, int8_tool, cpu_format, bar):
+    """Per-stage precision conversion; returns (stage files, cpu variant files or None, precision record)."""
+    if precision == "fp32":
+        for _ in range(K):
+            bar.update()
+        return list(fp32_paths), None, {"mode": "fp32", "method": "FP32 graphs as exported (no conversion)"}
+    if precision == "fp16":
+        from .fp16 import convert_fp16
+        from .int8 import batched_feeds
+
+        out_dir = os.path.join(scratch, "fp16")
+        os.makedirs(out_dir)
+        paths, per_stage = [], []
+        chain = calib_chain or hold_chain
+        x = data.calib_x if calib_chain is not None else data.holdout_x
+        for k in range(K):
+            bar.set_postfix_str(f"fp16 stage {k}")
+            feeds = []
+            if chain is not None:
+                feeds = batched_feeds({n: v[:128] for n, v in _stage_inputs(chain, k, x).items()}, 32)
+            dst = os.path.join(out_dir, f"stage_{k}.onnx")
+            last = k == K - 1
+            rec = convert_fp16(fp32_paths[k], dst, heads[k]["nodes"], heads[k]["second_order"], feeds,
+                               features_in=FEATURES_IN if k > 0 else None, features_out=None if last else FEATURES,
+                               opset=opset, tool=fp16_tool)
+            check_model(dst, where=f"fp16 stage {k}")
+            rec["stage"] = k
+            per_stage.append(rec)
+            paths.append(dst)
+            bar.update()
+        tools = sorted({r["tool"] for r in per_stage})
+        return paths, None, {
+            "mode": "fp16", "method": "mixed precision with explicit casts (strongly typed); exit scores and "
+            "second-order exit heads in FP32; features between stages in FP16",
+            "tool": tools[0] if len(tools) == 1 else tools, "per_stage": per_stage,
+            "calibration": data.calib_info, "holdout": data.holdout_info,
+        }
+    return _int8(K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, calib_method, int8_tool, cpu_format, bar)
+
+
+def _int8(K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, calib_method, int8_tool, cpu_format, bar):
+    from .int8 import CPU_FORMATS, batched_feeds, quantize_cpu_form, quantize_tensorrt_form, time_session
+
+    out_dir = os.path.join(scratch, "int8")
+    os.makedirs(out_dir)
+    paths, per_stage = [], []
+    excludes = []
+    for k in range(K):
+        bar.set_postfix_str(f"int8 stage {k}")
+        feeds = batched_feeds(_stage_inputs(calib_chain, k, data.calib_x), 32)
+        dst = os.path.join(out_dir, f"stage_{k}.onnx")
+        tool = quantize_tensorrt_form(fp32_paths[k], dst, feeds, (), calib_method, int8_tool)
+        rec = {"stage": k, "tool": tool, "head": "int8", "second_order_head": heads[k]["second_order"]}
+        exclude = []
+        if hold_chain is not None:
+            inputs = _stage_inputs(hold_chain, k, data.holdout_x)
+            ref = hold_chain[k]["prediction"]
+            y = data.holdout_y
+            acc_q, agree_q = _stage_accuracy(dst, inputs, y, ref)
+            acc_f = None if y is None else float((np.asarray(ref).astype(np.int64) == y).mean())
+            drop = (100.0 * (acc_f - acc_q)) if y is not None else 100.0 * (1.0 - agree_q)
+            rec.update({"stage_alone": {"fp32_accuracy": acc_f, "int8_accuracy": acc_q, "agreement": agree_q}})
+            if heads[k]["second_order"] and drop > HEAD_DROP_POINTS:
+                # the covariance / square-root head hurts in INT8: keep it in FP32 and compare
+                alt = os.path.join(out_dir, f"stage_{k}.headfp32.onnx")
+                quantize_tensorrt_form(fp32_paths[k], alt, feeds, heads[k]["nodes"], calib_method, tool)
+                acc_h, agree_h = _stage_accuracy(alt, inputs, y, ref)
+                better = (acc_h > acc_q) if y is not None else (agree_h > agree_q)
+                rec["stage_alone"].update({"head_fp32_accuracy": acc_h, "head_fp32_agreement": agree_h})
+                if better:
+                    os.replace(alt, dst)
+                    rec["head"] = "fp32"
+                    exclude = list(heads[k]["nodes"])
+                else:
+                    os.remove(alt)
+        excludes.append(exclude)
+        per_stage.append(rec)
+        paths.append(dst)
+        bar.update()
+
+    # ---- the ONNX Runtime CPU form: U8 activations, S8 weights; QDQ or QOperator, whichever is faster here
+    bar.set_postfix_str("int8 cpu variant")
+    formats = list(CPU_FORMATS) if cpu_format == "auto" else [cpu_format]
+    if any(f not in CPU_FORMATS for f in formats):
+        raise DmpoEdgeError("int8", f"unknown --cpu-format '{cpu_format}'. Expected auto, QDQ or QOperator")
+    candidates, timings = {}, {}
+    fp32_ms = []
+    for fmt in formats:
+        cdir = os.path.join(scratch, f"cpu_{fmt}")
+        os.makedirs(cdir)
+        files, ms = [], []
+        for k in range(K):
+            feeds = batched_feeds(_stage_inputs(calib_chain, k, data.calib_x), 32)
+            dst = os.path.join(cdir, f"stage_{k}.cpu.onnx")
+            try:
+                quantize_cpu_form(fp32_paths[k], dst, feeds, excludes[k], fmt, calib_method)
+                ms.append(time_session(dst, batched_feeds(_stage_inputs(calib_chain, k, data.calib_x), CPU_TIMING_BATCH)[0]))
+            except Exception as exc:  # a format ORT cannot produce for this graph is skipped, the other may work
+                ms = None
+                timings[fmt] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                break
+            files.append(dst)
+        if ms is not None:
+            candidates[fmt] = files
+            timings[fmt] = {"per_stage_ms": [round(v, 3) for v in ms], "total_ms": round(sum(ms), 3)}
+    for k in range(K):
+        fp32_ms.append(time_session(fp32_paths[k], batched_feeds(_stage_inputs(calib_chain, k, data.calib_x), CPU_TIMING_BATCH)[0]))
+    timings["fp32"] = {"per_stage_ms": [round(v, 3) for v in fp32_ms], "total_ms": round(sum(fp32_ms), 3)}
+    bar.update()
+    cpu_files = None
+    chosen = None
+    if candidates:
+        chosen = min(candidates, key=lambda f: timings[f]["total_ms"])
+        cpu_files = candidates[chosen]
+    else:
+        warnings.warn("int8 | no ONNX Runtime CPU form could be made; the CPU runs the TensorRT (symmetric Q/DQ) form",
+                      stacklevel=2)
+    tools = sorted({r["tool"] for r in per_stage})
+    return paths, cpu_files, {
+        "mode": "int8",
+        "method": "explicit Q/DQ: symmetric INT8 activations (per tensor) and weights (per channel), calibrated on the "
+                  "target dataset; stage k calibrated on stage k-1's FP32 features",
+        "tool": tools[0] if len(tools) == 1 else tools,
+        "calibration": dict(data.calib_info, method=calib_method), "holdout": data.holdout_info,
+        "per_stage": per_stage,
+        "cpu_variant": {"format": chosen, "activations": "uint8 asymmetric (per tensor)", "weights": "int8 symmetric per channel",
+                        "tool": "onnxruntime.quantization.quantize_static", "timing_batch": CPU_TIMING_BATCH,
+                        "timings": timings},
+    }
+
+
+def _maybe_build(bundle: Bundle, build: str, options: dict, log) -> None:
+    """Build TensorRT engines now when this machine is a target (TensorRT + GPU); else say where it happens."""
+    if build == "never":
+        return
+    from .trt_builder import tensorrt_ready
+
+    ready, why = tensorrt_ready()
+    if ready:
+        from .trt_builder import build_engines
+
+        build_engines(bundle.path, log=log, **options)
+        return
+    if build == "always":
+        raise DmpoEdgeError("build", f"cannot build TensorRT engines here ({why}). Run 'dmpo-edge build {bundle.path}' on the target")
+    log(f"engines: none built here ({why}); build them on the target with `dmpo-edge build {bundle.path}`")
+
+
+def compile_bundle(checkpoint_path: str, out_dir: str, precision: str = "fp32", calib: str | None = None,
+                   calib_count: int = 256, holdout: str | None = None, max_batch: int = 64,
+                   exit_policy: str = "max_softmax", force: bool = False, allow_pickle: bool = False, **kwargs) -> Bundle:
+    """``model.pt`` -> verified :class:`Bundle` at ``out_dir`` (see :func:`compile_model` for the options)."""
+    _check_args(precision, exit_policy, max_batch, calib_count, out_dir, force)
+    from ..models import load_checkpoint
+
+    model, meta = load_checkpoint(checkpoint_path, allow_pickle=allow_pickle)
+    source = {"file": os.path.basename(str(checkpoint_path)), "sha256": sha256_file(str(checkpoint_path))}
+    kwargs.setdefault("name", os.path.splitext(os.path.basename(str(checkpoint_path)))[0])
+    return compile_model(model, meta, out_dir, precision=precision, calib=calib, calib_count=calib_count, holdout=holdout,
+                         max_batch=max_batch, exit_policy=exit_policy, force=force, source=source, **kwargs)

@@ -1,0 +1,221 @@
+"""INT8 stage graphs with explicit Q/DQ, calibrated on the target dataset on the CPU.
+
+Two forms of every stage:
+
+- ``stage_k.onnx`` for TensorRT: symmetric INT8 (zero points 0) activations and per-channel weights in Q/DQ
+  form, from NVIDIA ModelOpt's ONNX quantizer (``modelopt.onnx.quantization.quantize``, calibrated with the
+  CPU execution provider); ONNX Runtime's ``quantize_static`` in the same symmetric form is the fallback.
+  TensorRT 10/11 build it strongly typed: no INT8 flag, no calibrator.
+- ``stage_k.cpu.onnx`` for ONNX Runtime on the CPU: U8 asymmetric activations and S8 per-channel weights,
+  QDQ or QOperator, whichever runs faster here (measured and recorded).
+
+Stage k is calibrated on what actually reaches it: the FP32 features of stage k-1 on the calibration images,
+fed with ``keep_idx = arange``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+
+import numpy as np
+
+from .._lazy import available, require
+from ..errors import DmpoEdgeError
+from .graph import ensure_node_names, load_model, save_model
+
+__all__ = [
+    "make_reader", "quantize_tensorrt_form", "quantize_cpu_form", "time_session", "CALIB_METHODS", "CPU_FORMATS",
+    "batched_feeds",
+]
+
+CALIB_METHODS = ("entropy", "max", "percentile")
+CPU_FORMATS = ("QDQ", "QOperator")
+# ops whose weights carry the work; quantizing only these keeps the CPU form accurate and fast
+CPU_OPS = ["Conv", "MatMul", "Gemm"]
+
+
+def batched_feeds(inputs: dict, batch: int = 32) -> list:
+    """Split stage inputs ``{name: array}`` into feeds of at most ``batch`` rows, keep_idx = arange per batch."""
+    data_names = [n for n in inputs if n != "keep_idx"]
+    n = inputs[data_names[0]].shape[0]
+    feeds = []
+    for lo in range(0, n, batch):
+        f = {name: np.ascontiguousarray(inputs[name][lo: lo + batch]) for name in data_names}
+        if "keep_idx" in inputs:
+            f["keep_idx"] = np.arange(f[data_names[0]].shape[0], dtype=np.int32)
+        feeds.append(f)
+    return feeds
+
+
+def make_reader(feeds: list):
+    """An ONNX Runtime CalibrationDataReader over prepared feeds (also has ModelOpt's ``get_first``)."""
+    q = require("onnxruntime.quantization", "INT8 calibration")
+
+    class FeedReader(q.CalibrationDataReader):
+        def __init__(self, items):
+            self.items = list(items)
+            self._it = iter(self.items)
+
+        def get_next(self):
+            return next(self._it, None)
+
+        def rewind(self):
+            self._it = iter(self.items)
+
+        def get_first(self):
+            return self.items[0]
+
+        def __len__(self):
+            return len(self.items)
+
+    return FeedReader(feeds)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """ModelOpt and ORT's quantizer log a lot (and ModelOpt an NVML error on GPU-less hosts); keep the bar clean."""
+    names = ("modelopt", "root", "onnxruntime", "")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+@contextlib.contextmanager
+def _ort_classes_restored():
+    """ModelOpt patches ONNX Runtime's calibrator and quantizer classes in place (for good); put them back after
+    each ModelOpt call so that ONNX Runtime's own quantize_static (the CPU form) works in the same process."""
+    calibrate = require("onnxruntime.quantization.calibrate", "INT8 calibration")
+    qdq = require("onnxruntime.quantization.qdq_quantizer", "INT8 calibration")
+    base = require("onnxruntime.quantization.base_quantizer", "INT8 calibration")
+    classes = [calibrate.MinMaxCalibrater, calibrate.HistogramCalibrater, calibrate.HistogramCollector,
+               calibrate.CalibraterBase, qdq.QDQQuantizer, base.BaseQuantizer]
+    for extra in ("EntropyCalibrater", "PercentileCalibrater", "DistributionCalibrater"):
+        if hasattr(calibrate, extra):
+            classes.append(getattr(calibrate, extra))
+    saved = [(c, dict(vars(c))) for c in classes]
+    create = calibrate.create_calibrator
+    try:
+        yield
+    finally:
+        for cls, attrs in saved:
+            now = vars(cls)
+            for name in [n for n in now if n not in attrs and not n.startswith("__")]:
+                delattr(cls, name)
+            for name, val in attrs.items():
+                if (not name.startswith("__") or name == "__init__") and now.get(name) is not val:
+                    setattr(cls, name, val)
+        calibrate.create_calibrator = create
+
+
+def _ort_method(method: str):
+    q = require("onnxruntime.quantization", "INT8 calibration")
+    return {"entropy": q.CalibrationMethod.Entropy, "max": q.CalibrationMethod.MinMax,
+            "percentile": q.CalibrationMethod.Percentile}[method]
+
+
+def _modelopt(src: str, dst: str, feeds: list, exclude: list, method: str) -> None:
+    from modelopt.onnx.quantization import quantize
+
+    with _quiet(), _ort_classes_restored():
+        quantize(
+            src, quantize_mode="int8", calibration_data_reader=make_reader(feeds),
+            calibration_method="max" if method == "max" else "entropy", calibration_eps=["cpu"],
+            high_precision_dtype="fp32", nodes_to_exclude=[f"^{re.escape(n)}$" for n in exclude] or None,
+            output_path=dst, log_level="ERROR",
+        )
+    if not os.path.isfile(dst):
+        raise RuntimeError("ModelOpt wrote no output")
+
+
+def _ort_symmetric(src: str, dst: str, feeds: list, exclude: list, method: str) -> None:
+    q = require("onnxruntime.quantization", "INT8 calibration")
+    with _quiet():
+        q.quantize_static(
+            src, dst, make_reader(feeds), quant_format=q.QuantFormat.QDQ, op_types_to_quantize=CPU_OPS,
+            per_channel=True, activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
+            nodes_to_exclude=list(exclude), calibrate_method=_ort_method(method),
+            # TensorRT: zero points 0, biases left in float (its DequantizeLinear takes INT8 only)
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                           "MatMulConstBOnly": True},
+        )
+
+
+def quantize_tensorrt_form(src: str, dst: str, feeds: list, exclude=(), method: str = "entropy", tool: str = "auto") -> str:
+    """Symmetric INT8 Q/DQ form of ``src`` at ``dst``; returns the tool that ran."""
+    if method not in CALIB_METHODS:
+        raise DmpoEdgeError("int8", f"unknown calibration method '{method}'. Expected one of {', '.join(CALIB_METHODS)}")
+    model = ensure_node_names(load_model(src))
+    tmp = tempfile.mkdtemp(prefix="dmpo-int8-")
+    try:
+        named = save_model(model, os.path.join(tmp, "named.onnx"))
+        order = ["modelopt", "onnxruntime"] if tool == "auto" else [tool]
+        errors = []
+        for name in order:
+            try:
+                if name == "modelopt":
+                    if not available("modelopt.onnx.quantization"):
+                        raise ImportError("modelopt.onnx.quantization (nvidia-modelopt with onnx-graphsurgeon) is not importable")
+                    # ModelOpt has no percentile calibrator; entropy is its closest robust choice
+                    _modelopt(named, dst, feeds, list(exclude), method)
+                elif name == "onnxruntime":
+                    _ort_symmetric(named, dst, feeds, list(exclude), method)
+                else:
+                    raise ValueError(f"unknown INT8 tool '{name}'")
+                return name
+            except Exception as exc:  # fall back to the next quantizer, report all if none works
+                errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        raise DmpoEdgeError("int8", "no INT8 quantizer worked (" + "; ".join(errors) + "). Install 'dmpo-edge[quant]'")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def quantize_cpu_form(src: str, dst: str, feeds: list, exclude=(), fmt: str = "QDQ", method: str = "max") -> None:
+    """U8-activation / S8-weight form for ONNX Runtime's CPU kernels (QDQ or QOperator) at ``dst``."""
+    q = require("onnxruntime.quantization", "INT8 CPU form")
+    if fmt not in CPU_FORMATS:
+        raise DmpoEdgeError("int8", f"unknown CPU format '{fmt}'. Expected one of {', '.join(CPU_FORMATS)}")
+    model = ensure_node_names(load_model(src))
+    tmp = tempfile.mkdtemp(prefix="dmpo-int8cpu-")
+    try:
+        named = save_model(model, os.path.join(tmp, "named.onnx"))
+        with _quiet():
+            q.quantize_static(
+                named, dst, make_reader(feeds),
+                quant_format=q.QuantFormat.QDQ if fmt == "QDQ" else q.QuantFormat.QOperator,
+                op_types_to_quantize=CPU_OPS, per_channel=True, activation_type=q.QuantType.QUInt8,
+                weight_type=q.QuantType.QInt8, nodes_to_exclude=list(exclude),
+                calibrate_method=_ort_method("max" if method == "entropy" else method),
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, "MatMulConstBOnly": True},
+            )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def time_session(path: str, feeds: dict, repeats: int = 5, threads: int | None = None) -> float:
+    """Median wall time (ms) of one run of ``path`` on ``feeds`` in ONNX Runtime on the CPU."""
+    from .onnxrun import session
+
+    sess = session(path, threads)
+    sess.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run(None, feeds)
+        times.append((time.perf_counter() - t) * 1000.0)
+    return float(np.median(times))

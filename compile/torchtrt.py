@@ -1,0 +1,137 @@
+"""torch-tensorrt frontend: each stage module -> ``torch.export`` with a dynamic batch -> serialized TensorRT engine.
+
+``dmpo-edge build BUNDLE --frontend torch-tensorrt --checkpoint model.pt`` (or ``compile --frontend
+torch-tensorrt`` on a GPU machine) writes the engines into the same ``engines/<device key>/`` layout as the ONNX
+frontend. FP32 and FP16 (autocast in torch-tensorrt >= 2.9, ``enabled_precisions`` before); INT8 engines come
+from the bundle's Q/DQ graphs (the ONNX frontend). torch_tensorrt is imported lazily.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+
+from .._lazy import require
+from ..bundle import sha256_file
+from ..errors import DmpoEdgeError
+from .stages import FEATURES_IN, INPUT, KEEP_IDX, make_stage_module
+
+__all__ = ["build_torch_tensorrt_engines", "export_stage_program", "named_stage"]
+
+
+def named_stage(model, k: int, policy: str):
+    """The stage module behind a forward whose parameter names are the contract's input names."""
+    torch = require("torch", "torch-tensorrt frontend")
+    inner = make_stage_module(model, k, policy)
+
+    if k == 0:
+        class Stage0(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, input):  # noqa: A002 - the contract's input name
+                return self.inner(input)
+
+        return Stage0().eval()
+
+    class StageK(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, features_in, keep_idx):
+            return self.inner(features_in, keep_idx)
+
+    return StageK().eval()
+
+
+def export_stage_program(module, k: int, example: tuple, max_batch: int):
+    """``torch.export`` of a stage with the batch axis dynamic (batch_in for the features of stage k > 0)."""
+    torch = require("torch", "torch-tensorrt frontend")
+    from torch.export import Dim
+
+    batch = Dim("batch", min=1, max=max(2, max_batch))
+    if k == 0:
+        shapes = {INPUT: {0: batch}}
+    else:
+        shapes = {FEATURES_IN: {0: Dim("batch_in", min=1, max=max(2, max_batch))}, KEEP_IDX: {0: batch}}
+    return torch.export.export(module, example, dynamic_shapes=shapes)
+
+
+def build_torch_tensorrt_engines(bundle, settings: dict, out_dir: str, checkpoint: str | None, log) -> list:
+    torch = require("torch", "torch-tensorrt frontend")
+    torch_tensorrt = require("torch_tensorrt", "the torch-tensorrt frontend")
+    if settings["precision"] == "int8":
+        raise DmpoEdgeError(
+            "build", "the torch-tensorrt frontend builds fp32/fp16 engines; INT8 engines are built from the bundle's "
+            "Q/DQ graphs with the default ONNX frontend (drop --frontend torch-tensorrt)",
+        )
+    if not checkpoint:
+        raise DmpoEdgeError("build", "the torch-tensorrt frontend compiles the torch model: pass --checkpoint model.pt")
+    want = (bundle.manifest.get("model") or {}).get("source", {}).get("sha256")
+    if want and sha256_file(checkpoint) != want:
+        raise DmpoEdgeError("build", f"'{checkpoint}' is not the checkpoint this bundle was compiled from (sha256 differs)")
+    from ..models import load_checkpoint
+
+    model, _meta = load_checkpoint(checkpoint)
+    model = model.eval().cuda()
+    policy = bundle.manifest["exit_policy"]
+    fp16 = settings["precision"] == "fp16"
+    sig = inspect.signature(torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine).parameters
+    engines = []
+    feats = None
+    h, w = bundle.preprocess.size
+    x = torch.zeros(2, 3, h, w, device="cuda")
+    for k in range(bundle.num_stages):
+        t0 = time.perf_counter()
+        mod = named_stage(model, k, policy).cuda()
+        example = (x,) if k == 0 else (feats, torch.arange(feats.shape[0], dtype=torch.int32, device="cuda"))
+        with torch.no_grad():
+            outs = mod(*example)
+        prog = export_stage_program(mod, k, example, settings["max_batch"])
+        prof = settings["profiles"][k][0]
+        inputs = []
+        for name in ([INPUT] if k == 0 else [FEATURES_IN, KEEP_IDX]):
+            mn, opt, mx = prof[name]
+            dtype = torch.int32 if name == KEEP_IDX else torch.float32
+            inputs.append(torch_tensorrt.Input(min_shape=list(mn), opt_shape=list(opt), max_shape=list(mx), dtype=dtype))
+        kwargs = {"arg_inputs": inputs, "workspace_size": settings["workspace_bytes"]}
+        if fp16:
+            if "enable_autocast" in sig:
+                kwargs["enable_autocast"] = True
+            else:
+                kwargs["enabled_precisions"] = {torch.float16}
+        blob = torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine(prog, **kwargs)
+        name = f"stage_{k}.engine"
+        path = os.path.join(out_dir, name)
+        with open(path, "wb") as f:
+            f.write(bytes(blob))
+        io_names = _engine_io_names(bytes(blob))
+        contract_out = list(mod.inner.io.outputs)
+        contract_in = list(mod.inner.io.inputs)
+        io_map = {}
+        if io_names:
+            io_map.update(dict(zip(io_names["inputs"], contract_in)))
+            io_map.update(dict(zip(io_names["outputs"], contract_out)))
+        engines.append({"stage": k, "file": name, "sha256": sha256_file(path), "onnx_sha256": bundle.stages[k]["sha256"],
+                        "frontend": "torch-tensorrt", "io_map": io_map, "build_s": round(time.perf_counter() - t0, 2)})
+        if k < bundle.num_stages - 1:
+            feats = outs[0]
+        log(f"build: stage {k} engine (torch-tensorrt) in {engines[-1]['build_s']} s")
+    return engines
+
+
+def _engine_io_names(blob: bytes) -> dict | None:
+    """Engine tensor names by mode (torch-tensorrt may name outputs output0, output1, ...)."""
+    trt = require("tensorrt", "reading engine tensor names")
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(blob)
+    if engine is None:
+        return None
+    ins, outs = [], []
+    for i in range(engine.num_io_tensors):
+        n = engine.get_tensor_name(i)
+        (ins if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT else outs).append(n)
+    return {"inputs": ins, "outputs": outs}

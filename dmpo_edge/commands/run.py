@@ -1,0 +1,97 @@
+"""``dmpo-edge run BUNDLE --source URI``: classify frames with early exits, print each and a summary.
+
+Examples::
+
+    dmpo-edge run out/digits_int8 --source frames/            # a folder, lossless
+    dmpo-edge run out/digits_int8 --source clip.mp4 --json    # JSON lines, one per frame, then the summary
+    dmpo-edge run out/digits_int8 --source 0 --realtime       # camera 0, drop stale frames
+    dmpo-edge run out/digits_int8 --source "gst:videotestsrc num-buffers=100"
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..errors import DmpoEdgeError
+
+
+def add_arguments(p) -> None:
+    p.add_argument("bundle", help="bundle folder written by 'dmpo-edge compile'")
+    p.add_argument("--source", required=True,
+                   help="image folder, image or video file, camera index or /dev/videoN, URL, or GStreamer pipeline (gst:...)")
+    p.add_argument("--backend", default="auto", choices=["auto", "ort", "trt", "null"],
+                   help="auto = TensorRT when engines for this GPU exist, else ONNX Runtime (default: auto)")
+    p.add_argument("--batch", type=int, default=None, help="frames per micro-batch (default: min(8, max batch))")
+    p.add_argument("--max-wait-ms", type=float, default=20.0, help="longest wait to fill a micro-batch (default: 20)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--realtime", dest="realtime", action="store_true", default=None,
+                      help="drop stale frames when behind (default for cameras and live pipelines)")
+    mode.add_argument("--lossless", dest="realtime", action="store_false",
+                      help="classify every frame (default for folders and files)")
+    p.add_argument("--limit", type=int, default=None, help="stop after N frames")
+    p.add_argument("--thresholds", default=None,
+                   help="comma-separated exit thresholds overriding the bundle's (one per early exit)")
+    p.add_argument("--in-flight", type=int, default=2, help="micro-batches in flight (default: 2)")
+    p.add_argument("--width", type=int, default=None, help="camera / GStreamer frame width")
+    p.add_argument("--height", type=int, default=None, help="camera / GStreamer frame height")
+    p.add_argument("--skip-bad", action="store_true", help="skip images that cannot be decoded instead of stopping")
+    p.add_argument("--json", action="store_true", help="print JSON lines (one per frame, then a summary line)")
+    p.add_argument("--quiet", action="store_true", help="print the summary only")
+
+
+def _thresholds(text):
+    if text is None:
+        return None
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise DmpoEdgeError("run --thresholds", f"'{text}' is not a comma-separated list of numbers") from None
+
+
+def _print_summary(s: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"summary": s}), flush=True)
+        return
+    lat = s["latency_ms"]
+    exits = ", ".join(f"{k}:{c}" for k, c in enumerate(s["exit_counts"]))
+    print(f"summary: {s['frames_classified']} frames classified ({s['frames_read']} read, {s['frames_dropped']} dropped, "
+          f"{s['mode']}) in {s['elapsed_s']:.2f} s = {s['fps']} FPS on {s['backend']}")
+    print(f"  latency ms: mean {lat['mean']:.1f}  p50 {lat['p50']:.1f}  p90 {lat['p90']:.1f}  p99 {lat['p99']:.1f}")
+    print(f"  exits per stage: {exits}  (ideal speed-up {s['ideal_speedup']}x, thresholds {s['thresholds']})")
+    if "accuracy" in s:
+        print(f"  accuracy on {s['labelled']} labelled frames: {s['accuracy']:.4f}")
+    if s.get("skipped"):
+        print(f"  skipped {len(s['skipped'])} undecodable image(s)")
+    sys.stdout.flush()
+
+
+def run(args) -> int:
+    from ..runtime.stream import stream
+
+    st = stream(args.bundle, args.source, batch=args.batch, max_wait_ms=args.max_wait_ms, realtime=args.realtime,
+                limit=args.limit, backend=args.backend, thresholds=_thresholds(args.thresholds),
+                max_in_flight=args.in_flight, width=args.width, height=args.height, skip_bad=args.skip_bad)
+    err = None
+    n = 0
+    try:
+        for r in st:
+            n += 1
+            if args.quiet:
+                continue
+            if args.json:
+                print(json.dumps(r.as_dict()), flush=False)
+            else:
+                truth = "" if r.truth is None else f"  truth {r.truth}"
+                print(f"{r.index:6d}  {r.name:<28.28s} {r.label:<12.12s} conf {r.confidence:.3f}  exit {r.exit_stage}  "
+                      f"{r.latency_ms:7.1f} ms{truth}")
+            if n % 64 == 0:
+                sys.stdout.flush()
+    except DmpoEdgeError as exc:
+        err = exc  # the source failed: every finished frame was printed; say so after the summary
+    except KeyboardInterrupt:
+        err = None
+    _print_summary(st.summary(), args.json)
+    if err is not None:
+        raise err
+    return 0

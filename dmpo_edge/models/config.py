@@ -1,0 +1,138 @@
+"""The architecture record of a DMPO model: defaults, validation and the normalised form stored in model.pt.
+
+Every choice that shapes the model is a key here; ``build_model(config)`` rebuilds exactly the same modules.
+Exits are block indices (0-based, "exit after block i"); the last block always carries the final exit.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from ..errors import DmpoEdgeError
+
+__all__ = ["DEFAULTS", "BACKBONES", "normalize_config", "backbone_depth", "default_exits", "TINY_VIT_CONFIG"]
+
+BACKBONES = ("efficientnet_lite0", "vit_tiny", "vit_small", "vit_base", "vit")
+
+DEFAULTS = {
+    "backbone": "efficientnet_lite0",
+    "num_classes": 10,
+    "image_size": 64,
+    "exits": None,  # block indices; None -> the backbone's default
+    # ViT shape (presets fill these in; 'vit' takes them as given)
+    "patch_size": 16,
+    "embed_dim": None,
+    "depth": None,
+    "num_heads": None,
+    "mlp_ratio": 4.0,
+    # where the pre-trained backbone comes from at build time: True (bundled / none for ViT), False, or a path
+    "pretrained": True,
+    "freeze_backbone": True,
+    # parameter-efficient tuning
+    "adapter_dim": 16,  # 0 = no adapters
+    "adapter_scale": 0.1,
+    "lora_rank": 0,  # 0 = no LoRA
+    "lora_alpha": 8.0,
+    # DMPO exit heads
+    "bypass": True,
+    "bypass_dim": 32,
+    "bypass_detach": False,
+    "early_head": "cov",  # 'cov' (high-order statistics) | 'linear'
+    "cov_dim": 32,
+    "ns_iters": 5,
+    "head_dropout": 0.0,
+}
+
+#: a small ViT for tests and quick experiments (runs in milliseconds on a CPU)
+TINY_VIT_CONFIG = {
+    "backbone": "vit", "image_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2,
+    "num_classes": 10, "exits": [0, 1, 3], "pretrained": False, "adapter_dim": 8, "lora_rank": 2,
+    "bypass_dim": 16, "cov_dim": 8,
+}
+
+
+def _vit_shape(cfg: dict) -> None:
+    from .vit import VIT_PRESETS
+
+    name = cfg["backbone"]
+    if name in VIT_PRESETS:
+        dim, depth, heads = VIT_PRESETS[name]
+        cfg["embed_dim"] = dim if cfg["embed_dim"] is None else cfg["embed_dim"]
+        cfg["depth"] = depth if cfg["depth"] is None else cfg["depth"]
+        cfg["num_heads"] = heads if cfg["num_heads"] is None else cfg["num_heads"]
+    for key in ("embed_dim", "depth", "num_heads"):
+        if cfg[key] is None:
+            raise DmpoEdgeError("config", f"backbone 'vit' needs '{key}'. Expected an int, or use vit_tiny/vit_small/vit_base")
+        cfg[key] = int(cfg[key])
+    if cfg["image_size"] % cfg["patch_size"]:
+        raise DmpoEdgeError(
+            "config", f"image size {cfg['image_size']} is not a multiple of patch size {cfg['patch_size']}. Expected a multiple"
+        )
+
+
+def backbone_depth(cfg: dict) -> int:
+    if cfg["backbone"] == "efficientnet_lite0":
+        return 16
+    return int(cfg["depth"])
+
+
+def default_exits(cfg: dict) -> list:
+    if cfg["backbone"] == "efficientnet_lite0":
+        # after the 40-, 80- and 112-channel groups (about 30%, 41% and 63% of the FLOPs at 64 x 64) + the end
+        return [4, 7, 10, 15]
+    d = backbone_depth(cfg)
+    return sorted({max(0, d // 4 - 1), max(0, d // 2 - 1), max(0, 3 * d // 4 - 1), d - 1})
+
+
+def normalize_config(config: dict) -> dict:
+    """Fill defaults, validate, and return the full record (a new dict of JSON-like values)."""
+    if not isinstance(config, dict):
+        raise DmpoEdgeError("config", f"model config must be a dict, got {type(config).__name__}")
+    unknown = sorted(set(config) - set(DEFAULTS))
+    if unknown:
+        raise DmpoEdgeError("config", f"unknown config key(s) {unknown}. Expected some of {sorted(DEFAULTS)}")
+    cfg = copy.deepcopy(DEFAULTS)
+    cfg.update(copy.deepcopy(config))
+    if cfg["backbone"] not in BACKBONES:
+        raise DmpoEdgeError("config", f"unknown backbone '{cfg['backbone']}'. Expected one of {', '.join(BACKBONES)}")
+    for key in ("num_classes", "image_size", "patch_size", "adapter_dim", "lora_rank", "bypass_dim", "cov_dim", "ns_iters"):
+        try:
+            cfg[key] = int(cfg[key])
+        except (TypeError, ValueError):
+            raise DmpoEdgeError("config", f"'{key}' must be an integer, got {cfg[key]!r}") from None
+        if cfg[key] < (1 if key in ("num_classes", "image_size", "patch_size", "bypass_dim", "cov_dim") else 0):
+            raise DmpoEdgeError("config", f"'{key}' = {cfg[key]} is out of range")
+    if cfg["num_classes"] < 2:
+        raise DmpoEdgeError("config", f"num_classes = {cfg['num_classes']}; a classifier needs at least 2 classes")
+    if cfg["early_head"] not in ("cov", "linear"):
+        raise DmpoEdgeError("config", f"early_head '{cfg['early_head']}' is not 'cov' or 'linear'")
+    if cfg["backbone"].startswith("vit"):
+        _vit_shape(cfg)
+    else:
+        for key in ("embed_dim", "depth", "num_heads"):
+            cfg[key] = None
+        if cfg["image_size"] < 32:
+            raise DmpoEdgeError("config", f"image size {cfg['image_size']} is too small for EfficientNet. Expected >= 32")
+    depth = backbone_depth(cfg)
+    exits = default_exits(cfg) if cfg["exits"] is None else cfg["exits"]
+    try:
+        exits = sorted({int(e) for e in exits})
+    except (TypeError, ValueError):
+        raise DmpoEdgeError("config", f"exits {cfg['exits']!r} must be block indices (integers)") from None
+    bad = [e for e in exits if e < 0 or e >= depth]
+    if bad:
+        raise DmpoEdgeError(
+            "config",
+            f"exit(s) {bad} are beyond the depth of {cfg['backbone']} ({depth} blocks). "
+            f"Expected block indices 0..{depth - 1}",
+        )
+    if exits[-1] != depth - 1:
+        exits.append(depth - 1)  # the final exit sits on the last block
+    cfg["exits"] = exits
+    for key in ("adapter_scale", "lora_alpha", "mlp_ratio", "head_dropout"):
+        cfg[key] = float(cfg[key])
+    for key in ("bypass", "bypass_detach", "freeze_backbone"):
+        cfg[key] = bool(cfg[key])
+    if not isinstance(cfg["pretrained"], (bool, str)):
+        raise DmpoEdgeError("config", "'pretrained' must be true, false or a weights path")
+    return cfg

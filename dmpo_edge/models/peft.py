@@ -1,0 +1,103 @@
+"""Parameter-efficient tuning: parallel bottleneck adapters (AdaptFormer-style) and LoRA.
+
+LoRA layers subclass the layer they wrap and keep its parameter names (``weight``, ``bias``) so that
+pre-trained state dicts (timm, EfficientNet) load into a tuned model unchanged; only ``lora_a`` and
+``lora_b`` are new. Up-projections start at zero: a freshly injected model computes exactly what the
+pre-trained backbone computed.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .._lazy import require
+
+torch = require("torch", "models")
+nn = torch.nn
+F = torch.nn.functional
+
+__all__ = ["LoRALinear", "LoRAConv1x1", "TokenAdapter", "ConvAdapter", "peft_parameter_names"]
+
+
+class LoRALinear(nn.Linear):
+    """``W x + b + (alpha / r) * B A x``."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, bias: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.rank = int(rank)
+        self.scaling = float(alpha) / self.rank
+        self.lora_a = nn.Parameter(torch.empty(self.rank, in_features))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, self.rank))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+
+    @classmethod
+    def wrap(cls, base, rank: int, alpha: float) -> "LoRALinear":
+        layer = cls(base.in_features, base.out_features, rank, alpha, bias=base.bias is not None)
+        with torch.no_grad():
+            layer.weight.copy_(base.weight)
+            if base.bias is not None:
+                layer.bias.copy_(base.bias)
+        return layer
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scaling
+
+
+class LoRAConv1x1(nn.Conv2d):
+    """LoRA on a 1 x 1, stride-1 convolution (the expand / project convs of an MBConv block)."""
+
+    def __init__(self, in_channels: int, out_channels: int, rank: int, alpha: float, bias: bool = False):
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+        self.rank = int(rank)
+        self.scaling = float(alpha) / self.rank
+        self.lora_a = nn.Parameter(torch.empty(self.rank, in_channels, 1, 1))
+        self.lora_b = nn.Parameter(torch.zeros(out_channels, self.rank, 1, 1))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+
+    @classmethod
+    def wrap(cls, base, rank: int, alpha: float) -> "LoRAConv1x1":
+        layer = cls(base.in_channels, base.out_channels, rank, alpha, bias=base.bias is not None)
+        with torch.no_grad():
+            layer.weight.copy_(base.weight)
+            if base.bias is not None:
+                layer.bias.copy_(base.bias)
+        return layer
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias) + F.conv2d(F.conv2d(x, self.lora_a), self.lora_b) * self.scaling
+
+
+class TokenAdapter(nn.Module):
+    """AdaptFormer parallel adapter on a token sequence: ``s * up(relu(down(x)))``."""
+
+    def __init__(self, dim: int, hidden: int, scale: float):
+        super().__init__()
+        self.scale = float(scale)
+        self.down = nn.Linear(dim, hidden)
+        self.up = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x):
+        return self.up(F.relu(self.down(x))) * self.scale
+
+
+class ConvAdapter(nn.Module):
+    """Parallel 1 x 1-conv bottleneck beside an MBConv block (stride and channel change matched)."""
+
+    def __init__(self, in_channels: int, out_channels: int, hidden: int, stride: int, scale: float):
+        super().__init__()
+        self.scale = float(scale)
+        # a strided 1x1 conv gives ceil(H / s), the size the block's 'same' padding gives
+        self.down = nn.Conv2d(in_channels, hidden, 1, stride=stride)
+        self.up = nn.Conv2d(hidden, out_channels, 1)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x):
+        return self.up(F.relu(self.down(x))) * self.scale
+
+
+def peft_parameter_names(model) -> set:
+    """Names of the parameters added by tuning (adapters, LoRA): everything else in a backbone is pre-trained."""
+    return {n for n, _ in model.named_parameters() if ".lora_" in n or ".adapter." in n}

@@ -1,0 +1,420 @@
+"""TensorRT backend: stage engines from ``engines/<device key>/`` run with ``execute_async_v3``.
+
+Built against the name-based tensor API of TensorRT 10.x and 11.x (``num_io_tensors``,
+``get_tensor_name``, ``get_tensor_mode``, ``get_tensor_dtype``, ``set_input_shape``,
+``set_tensor_address``, ``execute_async_v3``); nothing here uses the binding API removed in 10.0.
+
+Memory: everything is allocated once in ``activate()`` at the bundle's max batch - page-locked host
+staging buffers, device buffers for the input, ``keep_idx`` and the three small outputs, and per stage
+a pool of device ``features`` buffers. A stage's ``features`` output stays on the device: it is bound
+directly as the next stage's features input, and only ``keep_idx`` (int32, N values) is uploaded, so
+the gather in the next stage's graph regroups the survivors on the device. Each stage has its own
+CUDA stream (the pipeline runs one worker per stage, so batches in flight run on different streams);
+an event recorded after a stage orders the next stage's stream behind it.
+
+Device key: ``<tensorrt version>-<gpu name>-sm<major><minor>-<precision>`` (see :func:`device_key`).
+``engines/<key>/engines.json`` records the key and the engine files; an engine is refused unless it
+was built for this TensorRT version and GPU - the fix is ``dmpo-edge build BUNDLE`` on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+
+import numpy as np
+
+from ..._lazy import available, require
+from ...bundle import safe_join, sha256_file
+from ...errors import DmpoEdgeError
+from .._common import as_bundle, stage_features_input
+from .base import Backend
+
+__all__ = ["TrtBackend", "trt_ready", "device_key", "find_engines", "this_device_key"]
+
+ENGINES_DIR = "engines"
+ENGINES_JSON = "engines.json"
+_POOL_TIMEOUT_S = 120.0
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9.]+", "_", str(text).lower()).strip("_")
+
+
+def _sm_text(sm) -> str:
+    """Compute capability as digits: (8, 7), "8.7", "87" and "sm87" all give "87"."""
+    text = "".join(str(int(v)) for v in sm) if isinstance(sm, (tuple, list)) else str(sm).replace(".", "")
+    return text[2:] if text.startswith("sm") else text
+
+
+def device_key(trt_version: str, gpu_name: str, sm, precision: str) -> str:
+    """``10.3.0-nvidia_jetson_orin-sm87-int8``: engines are specific to all four (the builder uses the same formula)."""
+    return f"{_slug(trt_version)}-{_slug(gpu_name)}-sm{_sm_text(sm)}-{_slug(precision)}"
+
+
+def this_device_key(precision: str, device=None) -> str:
+    """The device key of this machine (TensorRT version + GPU 0) for ``precision``."""
+    from ..device import device_info
+
+    trt = require("tensorrt", "running TensorRT engines")
+    info = device_info(device)
+    return device_key(trt.__version__, info["gpu"], info["sm"], precision)
+
+
+def _read_engines_json(d: str) -> dict | None:
+    p = os.path.join(d, ENGINES_JSON)
+    if not os.path.isfile(p):
+        return None
+    try:
+        with open(p) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def find_engines(bundle, key: str) -> tuple:
+    """``(engines folder, engines.json)`` built for ``key``, or a DmpoEdgeError naming ``dmpo-edge build``."""
+    b = as_bundle(bundle, verify=False)
+    root = os.path.join(b.path, ENGINES_DIR)
+    found = []
+    if os.path.isdir(root):
+        for name in sorted(os.listdir(root)):
+            d = os.path.join(root, name)
+            meta = _read_engines_json(d) if os.path.isdir(d) else None
+            if meta is None:
+                continue
+            k = str(meta.get("device_key", name))
+            found.append(k)
+            if k == key:
+                return d, meta
+    fix = f"Run 'dmpo-edge build {b.path}' on this machine"
+    if not found:
+        raise DmpoEdgeError(f"bundle {b.path}", f"has no TensorRT engines. {fix}, or use --backend ort")
+    raise DmpoEdgeError(f"bundle {b.path}", f"has engines for {', '.join(found)} but this device is {key} "
+                        f"(engines only run on the GPU and TensorRT version that built them). {fix}")
+
+
+def trt_ready(bundle) -> bool:
+    """TensorRT and pycuda/cuda-python import, a GPU answers, and the bundle has engines for it (never raises)."""
+    try:
+        if not available("tensorrt"):
+            return False
+        from ..device import cuda_device_present
+
+        if not cuda_device_present():
+            return False
+        b = as_bundle(bundle, verify=False)
+        find_engines(b, this_device_key(b.precision))
+        return True
+    except Exception:
+        return False
+
+
+class _DevFeatures:
+    """A stage's ``features`` output left on the device: ``rows`` valid rows in a pooled buffer."""
+
+    __slots__ = ("buf", "rows", "shape", "dtype", "pool", "event")
+
+    def __init__(self, buf, rows, shape, dtype, pool, event):
+        self.buf, self.rows, self.shape, self.dtype, self.pool, self.event = buf, rows, shape, dtype, pool, event
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+class _Stage:
+    """One engine with its execution context, stream and buffers."""
+
+    def __init__(self):
+        self.engine = self.context = self.stream = self.event = None
+        self.inputs, self.outputs = [], []
+        self.dtypes, self.sample_shape = {}, {}
+        self.dev, self.host = {}, {}
+        self.shapes = {}  # last set input shape per input: set_input_shape only when the batch changes
+        self.profiles = []  # per optimisation profile: {input name: (min batch, max batch)}
+        self.profile = 0
+        self.pool = self.merge_pool = None
+        self.merge_stream = None
+        self.feat_in = None
+
+
+class TrtBackend(Backend):
+    """TensorRT engines of this device. ``device``: ``auto`` | ``pycuda`` | ``cuda-python``.
+
+    ``features_buffers``: device features buffers per stage (the number of groups that may wait at
+    the next stage; raise it with ``max_in_flight``).
+    """
+
+    name = "trt"
+
+    def __init__(self, bundle, device: str = "auto", features_buffers: int = 4, engines_dir: str | None = None,
+                 verify_engines: bool = True, **_ignored):
+        super().__init__(bundle)
+        self.device_impl = device
+        self.features_buffers = max(2, int(features_buffers))
+        self.engines_dir = engines_dir
+        self.verify_engines = verify_engines
+        self.stages = []
+        self.dev = None
+        self.key = None
+
+    # --- activate --------------------------------------------------------------------------
+    def _activate_impl(self) -> None:
+        trt = require("tensorrt", "running TensorRT engines")
+        from ..device import get_device
+
+        self.trt = trt
+        self.dev = get_device(self.device_impl)
+        self.key = this_device_key(self.bundle.precision, self.dev)
+        if self.engines_dir:
+            d, meta = self.engines_dir, _read_engines_json(self.engines_dir) or {}
+        else:
+            d, meta = find_engines(self.bundle, self.key)
+        files = self._engine_files(d, meta)
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        with self.dev.bind_thread():
+            self._runtime = trt.Runtime(self._logger)
+            try:
+                for k, (path, digest) in enumerate(files):
+                    self.stages.append(self._load_stage(k, path, digest))
+            except BaseException:
+                self._deactivate_impl()
+                raise
+
+    def _engine_files(self, d: str, meta: dict) -> list:
+        entries = meta.get("engines") or meta.get("stages") or []
+        out = []
+        for k in range(self.num_stages):
+            e = next((e for e in entries if isinstance(e, dict) and e.get("stage", e.get("index")) == k), None)
+            name = (e or {}).get("file", f"stage_{k}.engine")
+            path = safe_join(d, name, f"engines {d}")
+            if not os.path.isfile(path):
+                raise DmpoEdgeError(f"engines {d}", f"engine '{name}' for stage {k} is missing. Run 'dmpo-edge build {self.bundle.path}'")
+            out.append((path, (e or {}).get("sha256")))
+        return out
+
+    def _load_stage(self, k: int, path: str, digest) -> _Stage:
+        trt = self.trt
+        if self.verify_engines and digest and sha256_file(path) != digest:
+            raise DmpoEdgeError(f"engine {path}", f"fails its sha256 check. Rebuild it: 'dmpo-edge build {self.bundle.path} --force'")
+        with open(path, "rb") as f:
+            blob = f.read()
+        st = _Stage()
+        st.engine = self._runtime.deserialize_cuda_engine(blob)
+        if st.engine is None:
+            raise DmpoEdgeError(f"engine {path}", "TensorRT could not deserialize it (another TensorRT version or GPU?). "
+                                f"Run 'dmpo-edge build {self.bundle.path}' on this machine")
+        st.context = st.engine.create_execution_context()
+        for i in range(st.engine.num_io_tensors):
+            name = st.engine.get_tensor_name(i)
+            is_in = st.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            (st.inputs if is_in else st.outputs).append(name)
+            st.dtypes[name] = np.dtype(trt.nptype(st.engine.get_tensor_dtype(name)))
+            shape = tuple(st.engine.get_tensor_shape(name))
+            st.sample_shape[name] = tuple(int(s) for s in shape[1:])
+        self._check_io(k, st)
+        for p in range(st.engine.num_optimization_profiles):
+            st.profiles.append({name: (int(st.engine.get_tensor_profile_shape(name, p)[0][0]),
+                                       int(st.engine.get_tensor_profile_shape(name, p)[2][0])) for name in st.inputs})
+        mb = self.max_batch
+        for name in st.inputs + st.outputs:
+            if name == st.feat_in or name == "features":
+                continue  # pooled device features, bound per call
+            if any(s < 0 for s in st.sample_shape[name]):
+                raise DmpoEdgeError(f"engine {path}", f"tensor {name!r} has a dynamic non-batch axis {st.sample_shape[name]}; only the batch may vary")
+            nbytes = mb * int(np.prod(st.sample_shape[name])) * st.dtypes[name].itemsize
+            st.dev[name] = self.dev.malloc(nbytes)
+            st.host[name] = self.dev.pinned_empty((mb, *st.sample_shape[name]), st.dtypes[name])
+            st.context.set_tensor_address(name, st.dev[name].ptr)
+        if "features" in st.outputs:
+            shape, dtype = st.sample_shape["features"], st.dtypes["features"]
+            row = int(np.prod(shape)) * dtype.itemsize
+            st.pool, st.merge_pool = queue.Queue(), queue.Queue()
+            for _ in range(self.features_buffers):
+                st.pool.put(_DevFeatures(self.dev.malloc(mb * row), 0, shape, dtype, st.pool, None))
+            for _ in range(2):
+                st.merge_pool.put(_DevFeatures(self.dev.malloc(mb * row), 0, shape, dtype, st.merge_pool, None))
+        st.stream = self.dev.stream()
+        st.event = self.dev.event()
+        if st.merge_pool is not None:
+            st.merge_stream = self.dev.stream()  # refill copies run beside this stage's own work
+        return st
+
+    def _check_io(self, k: int, st: _Stage) -> None:
+        want_out = {"logits", "confidence", "prediction"} | ({"features"} if k < self.num_stages - 1 else set())
+        if k == 0:
+            ok = st.inputs == ["input"]
+        else:
+            ok = len(st.inputs) == 2 and "keep_idx" in st.inputs
+            if ok:
+                st.feat_in = stage_features_input(self.bundle, k, st.inputs)
+        if not ok or not want_out <= set(st.outputs):
+            raise DmpoEdgeError(f"trt backend stage {k}", f"engine tensors {st.inputs} -> {st.outputs} do not follow the stage "
+                                f"contract. Rebuild: 'dmpo-edge build {self.bundle.path} --force'")
+
+    def _deactivate_impl(self) -> None:
+        if self.dev is None:
+            return
+        with self.dev.bind_thread():
+            for st in self.stages:
+                for stream in (st.stream, st.merge_stream):
+                    if stream is not None:
+                        self.dev.synchronize(stream)
+                for buf in st.dev.values():
+                    buf.free()
+                for pool in (st.pool, st.merge_pool):
+                    while pool is not None and not pool.empty():
+                        pool.get_nowait().buf.free()
+                st.context = st.engine = None
+            self.stages = []
+            self._runtime = None
+        self.dev.close()
+        self.dev = None
+
+    # --- infer -----------------------------------------------------------------------------
+    def _select_profile(self, st: _Stage, batches: dict) -> None:
+        """Engines built with bucket profiles: switch to the tightest profile that holds these batch sizes."""
+        if len(st.profiles) <= 1:
+            return
+        fits = [p for p, prof in enumerate(st.profiles)
+                if all(lo <= batches[name] <= hi for name, (lo, hi) in prof.items() if name in batches)]
+        if not fits:
+            raise DmpoEdgeError("trt backend", f"batch sizes {batches} fit none of the engine's optimisation profiles {st.profiles}")
+        best = min(fits, key=lambda p: max(hi for _, hi in st.profiles[p].values()))
+        if best != st.profile:
+            st.context.set_optimization_profile_async(best, self.dev.stream_handle(st.stream))
+            st.profile = best
+            st.shapes = {}  # every input shape must be set again under the new profile
+
+    def _set_shape(self, st: _Stage, name: str, shape: tuple) -> None:
+        if st.shapes.get(name) != shape:
+            if not st.context.set_input_shape(name, shape):
+                raise DmpoEdgeError("trt backend", f"shape {shape} for {name!r} is outside the engine's profile "
+                                    f"(max batch {self.max_batch})")
+            st.shapes[name] = shape
+
+    def _acquire(self, pool) -> _DevFeatures:
+        try:
+            return pool.get(timeout=_POOL_TIMEOUT_S)
+        except queue.Empty:
+            raise DmpoEdgeError("trt backend", "no free device features buffer for 120 s (every buffer is held by a "
+                                "waiting stage). Raise features_buffers") from None
+
+    def _upload_features(self, k: int, st: _Stage, host: np.ndarray) -> _DevFeatures:
+        """Host features (a caller's numpy array) -> a buffer of stage k-1's pool."""
+        prev = self.stages[k - 1]
+        host = np.ascontiguousarray(host, dtype=prev.dtypes["features"])
+        f = self._acquire(prev.pool)
+        self.dev.htod_async(f.buf.ptr, host, st.stream)
+        f.rows = host.shape[0]
+        return f
+
+    def _infer_impl(self, k: int, feeds: dict, keep_features: bool) -> dict:
+        st = self.stages[k]
+        dev = self.dev
+        with dev.bind_thread():
+            uploaded = None
+            if k == 0:
+                x = np.asarray(feeds["input"])
+                n = x.shape[0]
+                self._check_n(n)
+                h = st.host["input"][:n]
+                h[...] = x
+                dev.htod_async(st.dev["input"].ptr, h, st.stream)
+                self._select_profile(st, {"input": n})
+                self._set_shape(st, "input", (n, *st.sample_shape["input"]))
+            else:
+                keep = np.asarray(feeds["keep_idx"], dtype=np.int32)
+                n = keep.shape[0]
+                self._check_n(n)
+                f = feeds["features"]
+                if not isinstance(f, _DevFeatures):
+                    f = uploaded = self._upload_features(k, st, np.asarray(f))
+                elif f.event is not None:
+                    dev.wait_event(st.stream, f.event)  # produced on the previous stage's stream
+                h = st.host["keep_idx"][:n]
+                h[...] = keep
+                dev.htod_async(st.dev["keep_idx"].ptr, h, st.stream)
+                self._select_profile(st, {st.feat_in: f.rows, "keep_idx": n})
+                self._set_shape(st, st.feat_in, (f.rows, *f.shape))
+                self._set_shape(st, "keep_idx", (n,))
+                st.context.set_tensor_address(st.feat_in, f.buf.ptr)
+            out_f = None
+            if "features" in st.outputs:
+                out_f = self._acquire(st.pool)
+                st.context.set_tensor_address("features", out_f.buf.ptr)
+            if not st.context.execute_async_v3(dev.stream_handle(st.stream)):
+                if out_f is not None:
+                    self.release(out_f)
+                raise DmpoEdgeError(f"trt backend stage {k}", "execute_async_v3 failed (see the TensorRT log above)")
+            for name in ("logits", "confidence", "prediction"):
+                dev.dtoh_async(st.host[name][:n], st.dev[name].ptr, st.stream)
+            dev.record(st.event, st.stream)
+            dev.synchronize(st.stream)  # the exit decision needs the confidences on the host
+            if uploaded is not None:
+                self.release(uploaded)
+            res = {name: st.host[name][:n].copy() for name in ("logits", "confidence", "prediction")}
+            res["prediction"] = res["prediction"].astype(np.int32, copy=False)
+            if out_f is not None:
+                out_f.rows, out_f.event = n, st.event
+                if keep_features:
+                    res["features"] = out_f
+                else:
+                    res["features"] = self._download(out_f, st)
+                    self.release(out_f)
+        return res
+
+    def _check_n(self, n: int) -> None:
+        if n > self.max_batch:
+            raise DmpoEdgeError("trt backend", f"batch of {n} exceeds the engines' max batch {self.max_batch}")
+
+    def _download(self, f: _DevFeatures, st: _Stage) -> np.ndarray:
+        out = np.empty((f.rows, *f.shape), f.dtype)
+        if f.rows:
+            self.dev.dtoh_async(out, f.buf.ptr, st.stream)
+            self.dev.synchronize(st.stream)
+        return out
+
+    def features_to_host(self, features):
+        if isinstance(features, _DevFeatures):
+            st = next(s for s in self.stages if s.pool is features.pool or s.merge_pool is features.pool)
+            with self.dev.bind_thread():
+                return self._download(features, st)
+        return features
+
+    def release(self, features) -> None:
+        if isinstance(features, _DevFeatures) and features.pool is not None:
+            features.rows, features.event = 0, None
+            features.pool.put(features)
+
+    def merge_features(self, features: list, keeps: list):
+        """Refill on the device: copy each group's surviving rows (runs of consecutive keep_idx) into one buffer."""
+        if not all(isinstance(f, _DevFeatures) for f in features):
+            return super().merge_features(features, keeps)
+        src_stage = next(s for s in self.stages if s.pool is features[0].pool or s.merge_pool is features[0].pool)
+        out = self._acquire(src_stage.merge_pool)
+        row = features[0].row_bytes
+        pos = 0
+        with self.dev.bind_thread():
+            stream = src_stage.merge_stream
+            for f, keep in zip(features, keeps):
+                if f.event is not None:
+                    self.dev.wait_event(stream, f.event)
+                keep = np.asarray(keep, dtype=np.int64)
+                if keep.size == 0:
+                    continue
+                # Coalesce consecutive rows into one copy each.
+                breaks = np.flatnonzero(np.diff(keep) != 1) + 1
+                for run in np.split(keep, breaks):
+                    nb = run.size * row
+                    self.dev.dtod_async(out.buf.ptr + pos * row, f.buf.ptr + int(run[0]) * row, nb, stream)
+                    pos += run.size
+            self.dev.synchronize(stream)
+        for f in features:
+            self.release(f)
+        out.rows, out.event = pos, None
+        return out, np.arange(pos, dtype=np.int32)

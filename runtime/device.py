@@ -1,0 +1,263 @@
+"""A thin CUDA device layer for the TensorRT backend: memory, copies, streams, events - and nothing else.
+
+Two implementations behind one interface, chosen by :func:`get_device`:
+
+- ``pycuda``: ``pycuda.driver`` on the device's *primary* context (retained, never ``pycuda.autoinit``,
+  so TensorRT, ONNX Runtime and other libraries in the process share one context). pycuda needs the
+  context current in each thread that calls it: :meth:`Device.bind_thread` pushes and pops it.
+- ``cuda-python``: the CUDA runtime API (``cuda.bindings.runtime``, or ``cuda.cudart`` on older
+  releases), which uses the primary context in every thread by itself.
+
+Nothing here launches a kernel: survivors are regrouped by the ``keep_idx`` gather inside the stage
+graph, so the device layer only moves bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import threading
+
+import numpy as np
+
+from .._lazy import available, require
+from ..errors import DmpoEdgeError
+
+__all__ = ["Device", "DeviceBuffer", "get_device", "device_info", "cuda_device_present"]
+
+
+class DeviceBuffer:
+    """A device allocation: ``ptr`` (int), ``nbytes``; ``free()`` is idempotent."""
+
+    __slots__ = ("ptr", "nbytes", "_owner", "_free")
+
+    def __init__(self, ptr: int, nbytes: int, owner=None, free=None):
+        self.ptr, self.nbytes, self._owner, self._free = int(ptr), int(nbytes), owner, free
+
+    def free(self) -> None:
+        if self._free is not None:
+            f, self._free = self._free, None
+            f()
+        self._owner = None
+
+    def __int__(self):
+        return self.ptr
+
+
+class Device:
+    """Interface; see :class:`PycudaDevice` and :class:`CudaPythonDevice`."""
+
+    impl = "none"
+
+    def bind_thread(self):
+        """Context manager making the device current in the calling thread (no-op where not needed)."""
+        return contextlib.nullcontext()
+
+    def name(self) -> str: ...
+    def compute_capability(self) -> tuple: ...
+    def pinned_empty(self, shape, dtype) -> np.ndarray: ...
+    def malloc(self, nbytes: int) -> DeviceBuffer: ...
+    def stream(self): ...
+    def stream_handle(self, stream) -> int: ...
+    def event(self): ...
+    def record(self, event, stream) -> None: ...
+    def wait_event(self, stream, event) -> None: ...
+    def synchronize(self, stream) -> None: ...
+    def htod_async(self, dst: int, src: np.ndarray, stream) -> None: ...
+    def dtoh_async(self, dst: np.ndarray, src: int, stream) -> None: ...
+    def dtod_async(self, dst: int, src: int, nbytes: int, stream) -> None: ...
+    def close(self) -> None: ...
+
+
+class PycudaDevice(Device):
+    impl = "pycuda"
+
+    def __init__(self, index: int = 0):
+        self.cuda = require("pycuda.driver", "the TensorRT backend (device memory and streams)")
+        self.cuda.init()
+        if index >= self.cuda.Device.count():
+            raise DmpoEdgeError("cuda", f"device {index} does not exist ({self.cuda.Device.count()} CUDA device(s) found)")
+        self.dev = self.cuda.Device(index)
+        # The primary context: the one the CUDA runtime (TensorRT, ORT) uses too. Never autoinit.
+        self.ctx = self.dev.retain_primary_context()
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def bind_thread(self):
+        depth = getattr(self._local, "depth", 0)
+        if depth == 0:
+            self.ctx.push()
+        self._local.depth = depth + 1
+        try:
+            yield self
+        finally:
+            self._local.depth -= 1
+            if self._local.depth == 0:
+                self.cuda.Context.pop()
+
+    def name(self):
+        return self.dev.name()
+
+    def compute_capability(self):
+        return tuple(self.dev.compute_capability())
+
+    def pinned_empty(self, shape, dtype):
+        return self.cuda.pagelocked_empty(shape, dtype)
+
+    def malloc(self, nbytes):
+        a = self.cuda.mem_alloc(max(1, int(nbytes)))
+        return DeviceBuffer(int(a), nbytes, owner=a, free=a.free)
+
+    def stream(self):
+        return self.cuda.Stream()
+
+    def stream_handle(self, stream):
+        return int(stream.handle)
+
+    def event(self):
+        return self.cuda.Event()
+
+    def record(self, event, stream):
+        event.record(stream)
+
+    def wait_event(self, stream, event):
+        stream.wait_for_event(event)
+
+    def synchronize(self, stream):
+        stream.synchronize()
+
+    def htod_async(self, dst, src, stream):
+        self.cuda.memcpy_htod_async(int(dst), src, stream)
+
+    def dtoh_async(self, dst, src, stream):
+        self.cuda.memcpy_dtoh_async(dst, int(src), stream)
+
+    def dtod_async(self, dst, src, nbytes, stream):
+        self.cuda.memcpy_dtod_async(int(dst), int(src), int(nbytes), stream)
+
+    def close(self):
+        with contextlib.suppress(Exception):
+            self.ctx.detach()
+
+
+def _cudart():
+    """``cuda.bindings.runtime`` (cuda-python >= 12.6) or the older ``cuda.cudart``."""
+    for name in ("cuda.bindings.runtime", "cuda.cudart"):
+        if available(name):
+            return require(name)
+    return require("cuda.bindings.runtime", "the TensorRT backend (device memory and streams)")
+
+
+class CudaPythonDevice(Device):
+    impl = "cuda-python"
+
+    def __init__(self, index: int = 0):
+        self.rt = _cudart()
+        n = self._ok(self.rt.cudaGetDeviceCount(), "cudaGetDeviceCount")
+        if index >= n:
+            raise DmpoEdgeError("cuda", f"device {index} does not exist ({n} CUDA device(s) found)")
+        self.index = index
+        self._ok(self.rt.cudaSetDevice(index), "cudaSetDevice")
+        self._props = self._ok(self.rt.cudaGetDeviceProperties(index), "cudaGetDeviceProperties")
+        self._pinned = []
+
+    def _ok(self, res, what):
+        err, *rest = res if isinstance(res, tuple) else (res,)
+        if int(err) != 0:
+            _, msg = self.rt.cudaGetErrorString(err)
+            raise DmpoEdgeError("cuda", f"{what} failed: {msg.decode() if isinstance(msg, bytes) else msg}")
+        return rest[0] if len(rest) == 1 else (tuple(rest) if rest else None)
+
+    @contextlib.contextmanager
+    def bind_thread(self):
+        # The runtime API's current device is per thread; the primary context comes with it.
+        self._ok(self.rt.cudaSetDevice(self.index), "cudaSetDevice")
+        yield self
+
+    def name(self):
+        n = self._props.name
+        return (n.decode(errors="replace") if isinstance(n, bytes) else str(n)).split("\x00")[0]
+
+    def compute_capability(self):
+        return (int(self._props.major), int(self._props.minor))
+
+    def pinned_empty(self, shape, dtype):
+        dtype = np.dtype(dtype)
+        nbytes = max(1, int(np.prod(shape)) * dtype.itemsize)
+        ptr = self._ok(self.rt.cudaMallocHost(nbytes), "cudaMallocHost")
+        raw = (ctypes.c_byte * nbytes).from_address(int(ptr))
+        arr = np.frombuffer(raw, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+        self._pinned.append(int(ptr))
+        return arr
+
+    def malloc(self, nbytes):
+        ptr = self._ok(self.rt.cudaMalloc(max(1, int(nbytes))), "cudaMalloc")
+        return DeviceBuffer(int(ptr), nbytes, free=lambda p=ptr: self.rt.cudaFree(p))
+
+    def stream(self):
+        return self._ok(self.rt.cudaStreamCreateWithFlags(self.rt.cudaStreamNonBlocking), "cudaStreamCreate")
+
+    def stream_handle(self, stream):
+        return int(stream)
+
+    def event(self):
+        return self._ok(self.rt.cudaEventCreateWithFlags(self.rt.cudaEventDisableTiming), "cudaEventCreate")
+
+    def record(self, event, stream):
+        self._ok(self.rt.cudaEventRecord(event, stream), "cudaEventRecord")
+
+    def wait_event(self, stream, event):
+        self._ok(self.rt.cudaStreamWaitEvent(stream, event, 0), "cudaStreamWaitEvent")
+
+    def synchronize(self, stream):
+        self._ok(self.rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+
+    def _copy(self, dst, src, nbytes, kind, stream):
+        self._ok(self.rt.cudaMemcpyAsync(int(dst), int(src), int(nbytes), kind, stream), "cudaMemcpyAsync")
+
+    def htod_async(self, dst, src, stream):
+        self._copy(dst, src.ctypes.data, src.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream)
+
+    def dtoh_async(self, dst, src, stream):
+        self._copy(dst.ctypes.data, src, dst.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream)
+
+    def dtod_async(self, dst, src, nbytes, stream):
+        self._copy(dst, src, nbytes, self.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream)
+
+    def close(self):
+        for p in self._pinned:
+            with contextlib.suppress(Exception):
+                self.rt.cudaFreeHost(p)
+        self._pinned = []
+
+
+def get_device(impl: str = "auto", index: int = 0) -> Device:
+    """``pycuda`` or ``cuda-python`` (``auto``: pycuda when it imports, else cuda-python)."""
+    if impl == "auto":
+        impl = "pycuda" if available("pycuda.driver") else "cuda-python"
+    if impl == "pycuda":
+        return PycudaDevice(index)
+    if impl in ("cuda-python", "cuda", "cudart"):
+        return CudaPythonDevice(index)
+    raise DmpoEdgeError("cuda", f"unknown device layer '{impl}'. Expected auto, pycuda or cuda-python")
+
+
+def cuda_device_present() -> bool:
+    """True when a CUDA device answers (never raises)."""
+    try:
+        if available("pycuda.driver"):
+            cuda = require("pycuda.driver")
+            cuda.init()
+            return cuda.Device.count() > 0
+        rt = _cudart()
+        err, n = rt.cudaGetDeviceCount()
+        return int(err) == 0 and n > 0
+    except Exception:
+        return False
+
+
+def device_info(dev: Device | None = None) -> dict:
+    """``{"gpu": name, "sm": "87", "compute_capability": [8, 7]}`` of device 0 (or ``dev``)."""
+    d = dev or get_device()
+    major, minor = d.compute_capability()
+    return {"gpu": d.name(), "sm": f"{major}{minor}", "compute_capability": [major, minor]}

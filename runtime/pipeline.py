@@ -1,0 +1,528 @@
+"""The early-exit pipeline: batches flow through stage workers, exits leave, survivors regroup on the device.
+
+One worker thread per stage. A *group* is the unit of work: some rows of one or more submitted batches
+plus the previous stage's ``features`` and a ``keep_idx`` naming the surviving rows in it. Stage k runs
+the group, reads N confidences (never the features), writes the results of the rows that exit and hands
+the survivors (``keep_idx`` = their positions in this stage's output) to stage k+1. While stage k+1
+works on batch b, stage k already runs batch b+1, so the exit decisions overlap device work
+(ONNX Runtime and TensorRT release the GIL while they compute).
+
+Shapes: ``buckets`` pads a group up to the next bucket size by repeating its last ``keep_idx`` (the
+padded rows' results are dropped), so an engine sees a few shapes only; ``refill`` merges a shrunken
+group with survivors of later batches already waiting at the same stage, so deep stages run fuller
+batches. See ``benchmarks/runtime_shapes.py`` for what each costs or saves on the CPU backend.
+
+Exit rule: at stage k < K-1 a sample exits when ``confidence >= thresholds[k]``; the last stage takes
+everyone. Thresholds are read when a batch is submitted, so changing them at run time affects the
+batches submitted afterwards and never half a batch.
+
+Bad input (wrong shape or dtype, NaN / Inf) is refused at ``submit`` with a DmpoEdgeError.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import DmpoEdgeError
+from ._common import as_bundle
+from .backends import Backend, get_backend
+from .checks import check_batch
+
+__all__ = ["Pipeline", "Results", "StageStats"]
+
+_STOP = object()
+
+
+@dataclass
+class Results:
+    """Per-sample results of one batch, in input order."""
+
+    prediction: np.ndarray  # int64 [N]: class index (see Pipeline.classes)
+    confidence: np.ndarray  # float32 [N]: exit score at the exit stage
+    exit_stage: np.ndarray  # int32 [N]: 0-based stage the sample left at
+    logits: np.ndarray | None = None  # float32 [N, C] when asked for
+    latency_s: float = 0.0  # submit -> last sample of the batch finished
+
+    def __len__(self) -> int:
+        return int(self.prediction.shape[0])
+
+    @classmethod
+    def concat(cls, parts: list) -> "Results":
+        if not parts:
+            raise ValueError("no results to concatenate")
+        logits = None if any(p.logits is None for p in parts) else np.concatenate([p.logits for p in parts])
+        return cls(np.concatenate([p.prediction for p in parts]), np.concatenate([p.confidence for p in parts]),
+                   np.concatenate([p.exit_stage for p in parts]), logits, max(p.latency_s for p in parts))
+
+
+@dataclass
+class StageStats:
+    samples_in: int = 0
+    exited: int = 0
+    batches: int = 0
+    time_s: float = 0.0
+    padded: int = 0  # rows added by bucket padding
+    merged: int = 0  # groups merged into another by refill
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class _Batch:
+    """One submitted batch: its result arrays fill up as its rows exit."""
+
+    __slots__ = ("id", "tag", "n", "x", "thresholds", "want_logits", "prediction", "confidence", "exit_stage",
+                 "logits", "remaining", "error", "done", "t_submit", "t_done")
+
+    def __init__(self, bid, tag, x, thresholds, want_logits, num_classes):
+        self.id, self.tag, self.x, self.n = bid, tag, x, int(x.shape[0])
+        self.thresholds = thresholds
+        self.want_logits = want_logits
+        self.prediction = np.full(self.n, -1, np.int64)
+        self.confidence = np.zeros(self.n, np.float32)
+        self.exit_stage = np.full(self.n, -1, np.int32)
+        self.logits = np.zeros((self.n, num_classes), np.float32) if want_logits else None
+        self.remaining = self.n
+        self.error = None
+        self.done = threading.Event()
+        self.t_submit = time.perf_counter()
+        self.t_done = None
+
+    def results(self) -> Results:
+        return Results(self.prediction, self.confidence, self.exit_stage, self.logits,
+                       (self.t_done or time.perf_counter()) - self.t_submit)
+
+
+@dataclass
+class _Group:
+    """Rows of one or more batches that go through one stage together."""
+
+    batches: list  # _Batch per segment
+    rows: list  # np.int64 rows (into the batch) per segment, in the order of keep_idx
+    features: list = field(default_factory=list)  # one features value per segment source (None at stage 0)
+    keep_idx: np.ndarray | None = None  # positions into the (merged) features, int32
+
+    @property
+    def size(self) -> int:
+        return int(sum(r.shape[0] for r in self.rows))
+
+
+def _check_thresholds(values, num_stages: int, where="thresholds") -> tuple:
+    try:
+        vals = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise DmpoEdgeError(where, f"{values!r} is not a list of numbers. Expected {num_stages - 1} floats (one per early exit)") from None
+    if len(vals) != num_stages - 1:
+        raise DmpoEdgeError(where, f"got {len(vals)} thresholds, expected {num_stages - 1} (one per early exit; the last exit takes everyone)")
+    if any(math.isnan(v) for v in vals):
+        raise DmpoEdgeError(where, f"thresholds {list(vals)} contain NaN. Expected numbers (inf = never exit there)")
+    return vals
+
+
+def _check_buckets(buckets, max_batch: int):
+    if buckets is None or buckets is False:
+        return None
+    if buckets == "pow2" or buckets is True:
+        b, out = 1, []
+        while b < max_batch:
+            out.append(b)
+            b *= 2
+        return tuple(out + [max_batch])
+    try:
+        out = sorted({int(b) for b in buckets})
+    except (TypeError, ValueError):
+        raise DmpoEdgeError("buckets", f"{buckets!r} is not a list of batch sizes (or 'pow2')") from None
+    if not out or out[0] < 1:
+        raise DmpoEdgeError("buckets", f"{buckets!r}: bucket sizes must be positive")
+    return tuple([b for b in out if b < max_batch] + [max_batch])
+
+
+def _default_backend_options(kind, bundle, max_in_flight: int, opts: dict) -> dict:
+    """Size the backend for the batches in flight unless the caller did.
+
+    ONNX Runtime: stages that run at the same time share the cores, so each session gets
+    cores / (stages busy at once) intra-op threads, without spinning (a spinning pool burns the core
+    the other stage needs). TensorRT: one device features buffer per group that can wait, plus two.
+    """
+    name = getattr(kind, "name", "")
+    busy = max(1, min(int(max_in_flight), bundle.num_stages))
+    if name == "ort":
+        if "threads" not in opts:
+            from .backends.ort import _default_threads
+
+            opts["threads"] = max(1, _default_threads() // busy)
+        if "spinning" not in opts and busy > 1:
+            opts["spinning"] = False
+    elif name == "trt" and "features_buffers" not in opts:
+        opts["features_buffers"] = int(max_in_flight) + 2
+    return opts
+
+
+class Pipeline:
+    """Early-exit inference over a bundle. Build with :meth:`from_bundle`; use as a context manager."""
+
+    def __init__(self, bundle, backend: Backend, thresholds=None, max_in_flight: int = 2, buckets=None,
+                 refill: bool = False, refill_wait_ms: float = 0.0):
+        self.bundle = bundle
+        self.backend = backend
+        self.num_stages = bundle.num_stages
+        self.classes = list(bundle.classes)
+        self.num_classes = len(self.classes)
+        self.max_batch = bundle.max_batch
+        if thresholds is None:
+            thresholds = bundle.thresholds
+        if thresholds is None:
+            if self.num_stages > 1:
+                raise DmpoEdgeError(f"bundle {bundle.path}", "has no exit thresholds. Run 'dmpo-edge calibrate BUNDLE --data ...' "
+                                    "first, or pass thresholds=[...] (one per early exit)")
+            thresholds = ()
+        self._thresholds = _check_thresholds(thresholds, self.num_stages)
+        if not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise DmpoEdgeError("pipeline", f"max_in_flight {max_in_flight!r} must be a positive integer")
+        self.max_in_flight = max_in_flight
+        self.buckets = _check_buckets(buckets, self.max_batch)
+        self.refill = bool(refill)
+        self.refill_wait_s = max(0.0, float(refill_wait_ms)) / 1000.0
+        self._stats = [StageStats() for _ in range(self.num_stages)]
+        self._stats_lock = threading.Lock()
+        self._cv = threading.Condition()
+        self._pending = collections.deque()  # batches in submit order, not yet handed out by results()
+        self._in_flight = 0
+        self._next_id = 0
+        self._closed = False
+        self._upstream = [0] * self.num_stages  # groups queued for or running in stages < k (refill waits on them)
+        self._queues = [queue.Queue() for _ in range(self.num_stages)]
+        self.backend.activate()
+        self._workers = [threading.Thread(target=self._worker, args=(k,), name=f"dmpo-stage-{k}", daemon=True)
+                         for k in range(self.num_stages)]
+        for w in self._workers:
+            w.start()
+
+    # --- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_bundle(cls, path_or_bundle, backend="auto", thresholds=None, max_in_flight: int = 2, buckets=None,
+                    refill: bool = False, refill_wait_ms: float = 0.0, backend_options: dict | None = None) -> "Pipeline":
+        """Load (and verify) a bundle and start the stage workers.
+
+        ``backend``: ``auto`` (TensorRT when it, a GPU and engines for this device exist, else ONNX Runtime),
+        ``ort``, ``trt``, ``null``, a Backend class or an instance. ``thresholds``: K-1 floats overriding the
+        manifest's. ``buckets``: None, ``"pow2"`` or a list of batch sizes. ``refill``: merge shrunken groups.
+        """
+        if isinstance(backend, Backend):
+            return cls(backend.bundle, backend, thresholds, max_in_flight, buckets, refill, refill_wait_ms)
+        bundle = as_bundle(path_or_bundle)
+        kind = backend if isinstance(backend, type) else get_backend(backend, bundle)
+        opts = _default_backend_options(kind, bundle, max_in_flight, dict(backend_options or {}))
+        be = kind(bundle, **opts)
+        try:
+            return cls(bundle, be, thresholds, max_in_flight, buckets, refill, refill_wait_ms)
+        except BaseException:
+            be.deactivate()
+            raise
+
+    # --- thresholds / stats ----------------------------------------------------------------
+    @property
+    def thresholds(self) -> list:
+        return list(self._thresholds)
+
+    @thresholds.setter
+    def thresholds(self, values) -> None:
+        self._thresholds = _check_thresholds(values, self.num_stages)
+
+    def stats(self) -> list:
+        """Per-stage counters: ``samples_in``, ``exited``, ``batches``, ``time_s`` (backend time), ``padded``, ``merged``."""
+        with self._stats_lock:
+            return [s.as_dict() for s in self._stats]
+
+    def reset_stats(self) -> None:
+        with self._stats_lock:
+            self._stats = [StageStats() for _ in range(self.num_stages)]
+
+    # --- submit / results ------------------------------------------------------------------
+    def submit(self, x, tag=None, return_logits: bool = False, thresholds=None, exits: bool = True,
+               _checked: bool = False) -> None:
+        """Queue a batch (N x 3 x H x W float32, any N >= 0; split into groups of at most max_batch).
+
+        Blocks while ``max_in_flight`` batches are still being computed. ``thresholds`` overrides the
+        pipeline's for this batch; ``exits=False`` sends every sample to the last stage (the static baseline).
+        """
+        if not _checked:
+            x = check_batch(self.bundle, x, where="pipeline submit")
+        thr = self._thresholds if thresholds is None else _check_thresholds(thresholds, self.num_stages)
+        if not exits:
+            thr = (math.inf,) * (self.num_stages - 1)
+        with self._cv:
+            if self._closed:
+                raise DmpoEdgeError("pipeline", "submit() after close(). Build a new Pipeline")
+            while self._in_flight >= self.max_in_flight:
+                self._cv.wait()
+                if self._closed:
+                    raise DmpoEdgeError("pipeline", "the pipeline was closed while submit() waited")
+            batch = _Batch(self._next_id, tag, x, thr, return_logits, self.num_classes)
+            self._next_id += 1
+            self._pending.append(batch)
+            if batch.n == 0:
+                batch.t_done = batch.t_submit
+                batch.done.set()
+                self._cv.notify_all()
+                return
+            self._in_flight += 1
+            starts = list(range(0, batch.n, self.max_batch))
+            for k in range(1, self.num_stages):
+                self._upstream[k] += len(starts)
+        for s in starts:
+            rows = np.arange(s, min(s + self.max_batch, batch.n), dtype=np.int64)
+            self._queues[0].put(_Group([batch], [rows]))
+
+    def results(self, wait: bool = True):
+        """Yield ``(tag, Results)`` in submit order for every batch submitted so far.
+
+        With ``wait=False`` only the finished batches at the head of the order are yielded (for
+        interleaving with ``submit`` in a streaming loop). A batch whose stage failed raises its error.
+        """
+        while True:
+            with self._cv:
+                if not self._pending:
+                    return
+                batch = self._pending[0]
+                if not batch.done.is_set():
+                    if not wait:
+                        return
+                    while not batch.done.is_set():
+                        self._cv.wait(0.5)
+                self._pending.popleft()
+            if batch.error is not None:
+                raise batch.error
+            yield batch.tag, batch.results()
+
+    def predict(self, x, return_logits: bool = False, batch_size: int | None = None, thresholds=None) -> Results:
+        """Classify ``x`` (N x 3 x H x W float32) with early exits; results in input order.
+
+        ``x`` is cut into batches of ``batch_size`` (default max_batch) that flow with up to
+        ``max_in_flight`` in flight.
+        """
+        return self._run(x, return_logits, batch_size, thresholds, True)
+
+    def run_static(self, x, return_logits: bool = False, batch_size: int | None = None) -> Results:
+        """Every sample through every stage (no exits): the static full-model baseline, same backend and batching."""
+        return self._run(x, return_logits, batch_size, None, False)
+
+    def _run(self, x, return_logits, batch_size, thresholds, exits) -> Results:
+        x = check_batch(self.bundle, x, where="pipeline predict")
+        bs = self.max_batch if batch_size is None else int(batch_size)
+        if bs < 1:
+            raise DmpoEdgeError("pipeline predict", f"batch_size {batch_size!r} must be a positive integer")
+        with self._cv:
+            if self._pending:
+                raise DmpoEdgeError("pipeline predict", "results of earlier submit() calls are still pending. "
+                                    "Collect them with results() before predict(), or use a second Pipeline")
+        marker = object()
+        parts = []
+        n = x.shape[0]
+        for s in range(0, max(n, 1), bs):
+            self.submit(x[s:s + bs], tag=marker, return_logits=return_logits, thresholds=thresholds, exits=exits,
+                        _checked=True)
+            parts.extend(r for _, r in self.results(wait=False))
+        parts.extend(r for _, r in self.results(wait=True))
+        return Results.concat(parts)
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        with self._cv:
+            if self._closed:
+                return
+            self._closed = True
+            self._cv.notify_all()
+        for q in self._queues:
+            q.put(_STOP)
+        for w in self._workers:
+            w.join(timeout=30)
+        with self._cv:
+            for b in self._pending:
+                if not b.done.is_set():
+                    b.error = DmpoEdgeError("pipeline", "closed before this batch finished")
+                    b.done.set()
+        self.backend.deactivate()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __del__(self):
+        try:
+            if not self._closed:
+                self.close()
+        except Exception:
+            pass
+
+    # --- stage workers ---------------------------------------------------------------------
+    def _worker(self, k: int) -> None:
+        q = self._queues[k]
+        last = k == self.num_stages - 1
+        held = None  # a group taken off the queue by refill that did not fit: it runs next
+        while True:
+            g, held = (held, None) if held is not None else (q.get(), None)
+            if g is _STOP:
+                return
+            if self.refill and k > 0:
+                g, held = self._refill(k, g)
+            try:
+                self._run_group(k, g, last)
+            except BaseException as exc:  # a failed stage fails its batches, never the worker
+                err = exc if isinstance(exc, DmpoEdgeError) else DmpoEdgeError(
+                    f"pipeline stage {k}", f"{type(exc).__name__}: {exc}")
+                self._fail(g, err)
+            finally:
+                with self._cv:  # this group no longer feeds the stages after k
+                    for j in range(k + 1, self.num_stages):
+                        self._upstream[j] -= 1
+
+    def _refill(self, k: int, g: _Group):
+        """Merge later groups waiting at stage k into ``g`` while it stays within max_batch.
+
+        Returns ``(group to run, group to run next or None)``. Waits up to ``refill_wait_ms`` for more
+        survivors only while earlier stages still hold work that can reach stage k.
+        """
+        q = self._queues[k]
+        deadline = time.perf_counter() + self.refill_wait_s
+        while g.size < self.max_batch:
+            try:
+                if self.refill_wait_s and self._upstream[k] > 0:
+                    nxt = q.get(timeout=max(1e-4, deadline - time.perf_counter()))
+                else:
+                    nxt = q.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is _STOP or g.size + nxt.size > self.max_batch:
+                return g, nxt
+            try:
+                g = self._merge(g, nxt)
+            except BaseException as exc:
+                self._fail(nxt, exc if isinstance(exc, DmpoEdgeError) else DmpoEdgeError(f"pipeline stage {k}", str(exc)))
+                break
+            finally:
+                with self._cv:  # the merged group is gone as a unit of work
+                    for j in range(k + 1, self.num_stages):
+                        self._upstream[j] -= 1
+            with self._stats_lock:
+                self._stats[k].merged += 1
+        return g, None
+
+    def _merge(self, a: _Group, b: _Group) -> _Group:
+        feats, keep = self.backend.merge_features(a.features + b.features, [a.keep_idx, b.keep_idx])
+        return _Group(a.batches + b.batches, a.rows + b.rows, [feats], keep)
+
+    def _run_group(self, k: int, g: _Group, last: bool) -> None:
+        n = g.size
+        pad = 0
+        if self.buckets is not None:
+            size = next((b for b in self.buckets if b >= n), n)
+            pad = size - n
+        t0 = time.perf_counter()
+        if k == 0:
+            (batch,), (rows,) = g.batches, g.rows
+            xin = batch.x[rows[0]:rows[-1] + 1]  # stage-0 rows are one contiguous slice
+            if pad:
+                xin = np.concatenate([xin, np.repeat(xin[-1:], pad, axis=0)])
+            feeds = {"input": xin}
+        else:
+            keep = g.keep_idx
+            if pad:
+                keep = np.concatenate([keep, np.repeat(keep[-1:], pad)])
+            feeds = {"features": g.features[0], "keep_idx": keep}
+        try:
+            out = self.backend.infer(k, feeds, keep_features=not last)
+        finally:
+            for f in g.features:
+                self.backend.release(f)
+        dt = time.perf_counter() - t0
+        conf = np.asarray(out["confidence"])[:n]
+        pred = np.asarray(out["prediction"])[:n]
+        logits = out["logits"]
+        seg_len = [r.shape[0] for r in g.rows]
+        if last:
+            exit_mask = np.ones(n, bool)
+        else:
+            # float64: a threshold just above 1.0 must not round down to 1.0 and let certain samples out.
+            thr = np.repeat(np.array([b.thresholds[k] for b in g.batches], np.float64), seg_len)
+            exit_mask = conf.astype(np.float64) >= thr
+        n_exit = int(exit_mask.sum())
+        with self._stats_lock:
+            st = self._stats[k]
+            st.samples_in += n
+            st.exited += n_exit
+            st.batches += 1
+            st.time_s += dt
+            st.padded += pad
+        # Hand survivors on before writing results: the next stage starts while we bookkeep.
+        if not last:
+            surv = np.flatnonzero(~exit_mask)
+            if surv.size:
+                seg_of = np.repeat(np.arange(len(g.rows)), seg_len)
+                rows_all = np.concatenate(g.rows)
+                s_seg = seg_of[surv]
+                batches, rows = [], []
+                for si in np.unique(s_seg):
+                    batches.append(g.batches[si])
+                    rows.append(rows_all[surv[s_seg == si]])
+                nxt = _Group(batches, rows, [out["features"]], surv.astype(np.int32))
+                # Count it before queueing, so a waiting refill never sees "nothing upstream" while it exists.
+                with self._cv:
+                    for j in range(k + 2, self.num_stages):
+                        self._upstream[j] += 1
+                self._queues[k + 1].put(nxt)
+            else:
+                self.backend.release(out.get("features"))
+        if n_exit:
+            self._emit(k, g, exit_mask, conf, pred, logits, seg_len)
+
+    def _emit(self, k, g, exit_mask, conf, pred, logits, seg_len) -> None:
+        start = 0
+        finished = []
+        for b, rows, m in zip(g.batches, g.rows, seg_len):
+            sel = exit_mask[start:start + m]
+            if sel.any():
+                r = rows[sel]
+                pos = np.flatnonzero(sel) + start
+                b.prediction[r] = pred[pos]
+                b.confidence[r] = conf[pos]
+                b.exit_stage[r] = k
+                if b.logits is not None:
+                    b.logits[r] = np.asarray(logits)[pos]
+                with self._cv:
+                    b.remaining -= r.shape[0]
+                    if b.remaining == 0 and b.error is None:
+                        finished.append(b)
+            start += m
+        if finished:
+            now = time.perf_counter()
+            with self._cv:
+                for b in finished:
+                    b.t_done = now
+                    b.done.set()
+                    self._in_flight -= 1
+                self._cv.notify_all()
+
+    def _fail(self, g: _Group, err: Exception) -> None:
+        for f in g.features:
+            try:
+                self.backend.release(f)
+            except Exception:
+                pass
+        with self._cv:
+            for b in g.batches:
+                if not b.done.is_set():
+                    b.error = err
+                    b.done.set()
+                    self._in_flight -= 1
+            self._cv.notify_all()

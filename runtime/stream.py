@@ -1,0 +1,242 @@
+"""Streaming: frame source -> preprocessing -> micro-batches -> early-exit pipeline -> per-frame results.
+
+``for r in stream(bundle, source): ...`` is the embedding API; ``dmpo-edge run`` prints what it yields.
+
+- A reader thread pulls frames from the source and preprocesses them with the bundle's own
+  :class:`~dmpo_edge.preprocess.Preprocess` (the calibration preprocessing), so decoding and resizing
+  overlap inference.
+- The micro-batcher takes up to ``batch`` frames, waiting at most ``max_wait_ms`` after the first one,
+  and submits them to the pipeline; results come back in frame order while later batches are in flight.
+- Lossless mode (default for folders and files) never drops a frame: the reader waits when the
+  batcher is behind. Real-time mode (default for cameras and live pipelines) keeps only the newest
+  frames: when the queue is full the oldest waiting frame is dropped and counted.
+- A source that fails or ends early stops the reader; every frame read before is still classified
+  and yielded, then the source's DmpoEdgeError is raised. ``summary()`` has the counts either way.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..errors import DmpoEdgeError
+from ._common import as_bundle
+from .pipeline import Pipeline
+from .sources import FrameSource, open_source
+
+__all__ = ["FrameResult", "Stream", "stream"]
+
+
+@dataclass
+class FrameResult:
+    index: int  # frame position in the source
+    name: str
+    prediction: int
+    label: str  # class name
+    confidence: float
+    exit_stage: int
+    latency_ms: float  # capture -> result
+    batch_size: int
+    truth: str | None = None  # class sub-folder of a folder source
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class _End:
+    def __init__(self, error=None):
+        self.error = error
+
+
+class Stream:
+    """Iterable over :class:`FrameResult`; see :func:`stream`. ``summary()`` after (or during) iteration."""
+
+    def __init__(self, bundle, source, batch: int | None = None, max_wait_ms: float = 20.0, realtime: bool | None = None,
+                 limit: int | None = None, pipeline: Pipeline | None = None, backend="auto", thresholds=None,
+                 max_in_flight: int = 2, width: int | None = None, height: int | None = None, skip_bad: bool = False,
+                 queue_frames: int | None = None, pipeline_options: dict | None = None):
+        self.bundle = pipeline.bundle if pipeline is not None else as_bundle(bundle)
+        self._own_source = not isinstance(source, FrameSource)
+        self.source = open_source(source, width=width, height=height, skip_bad=skip_bad) if self._own_source else source
+        try:
+            self._own_pipeline = pipeline is None
+            self.pipeline = pipeline or Pipeline.from_bundle(self.bundle, backend=backend, thresholds=thresholds,
+                                                             max_in_flight=max_in_flight, **(pipeline_options or {}))
+        except BaseException:
+            if self._own_source:
+                self.source.close()
+            raise
+        self.batch = int(batch or min(8, self.bundle.max_batch))
+        if not 1 <= self.batch <= 1 << 16:
+            raise DmpoEdgeError("stream", f"batch {batch!r} must be a positive integer")
+        self.max_wait_s = max(0.0, float(max_wait_ms)) / 1000.0
+        self.realtime = self.source.live if realtime is None else bool(realtime)
+        self.limit = None if limit is None else int(limit)
+        self.preprocess = self.bundle.preprocess
+        cap = queue_frames or (self.batch if self.realtime else 4 * self.batch)
+        self._q = collections.deque()
+        self._cap = max(1, cap)
+        self._cv = threading.Condition()
+        self._stop = threading.Event()
+        self._reader = None
+        self.frames_read = 0
+        self.frames_dropped = 0
+        self.frames_done = 0
+        self.exit_counts = [0] * self.bundle.num_stages
+        self.correct = 0
+        self.labelled = 0
+        self.latencies_ms = []
+        self.error = None
+        self.t_start = None
+        self.t_end = None
+
+    # --- reader thread ---------------------------------------------------------------------
+    def _read_loop(self):
+        end = _End()
+        try:
+            while not self._stop.is_set():
+                if self.limit is not None and self.frames_read >= self.limit:
+                    break
+                f = self.source.read()
+                if f is None:
+                    break
+                x = self.preprocess.one(f.image)
+                self.frames_read += 1
+                with self._cv:
+                    if self.realtime:
+                        while len(self._q) >= self._cap:
+                            self._q.popleft()  # the stalest waiting frame goes
+                            self.frames_dropped += 1
+                    else:
+                        while len(self._q) >= self._cap and not self._stop.is_set():
+                            self._cv.wait(0.1)
+                    self._q.append((f, x))
+                    self._cv.notify_all()
+        except DmpoEdgeError as exc:
+            end.error = exc
+        except Exception as exc:  # a decoder crash is a source failure, not a runtime bug
+            end.error = DmpoEdgeError(f"source {self.source.uri}", f"reading failed ({type(exc).__name__}: {exc})")
+        finally:
+            with self._cv:
+                self._q.append(end)
+                self._cv.notify_all()
+
+    def _next_batch(self):
+        """Up to ``batch`` frames: block for the first, then wait at most max_wait for the rest."""
+        items, end = [], None
+        with self._cv:
+            while not self._q:
+                self._cv.wait(0.5)
+            deadline = time.perf_counter() + self.max_wait_s
+            while len(items) < self.batch:
+                if self._q:
+                    it = self._q.popleft()
+                    self._cv.notify_all()
+                    if isinstance(it, _End):
+                        end = it
+                        break
+                    items.append(it)
+                    continue
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+        return items, end
+
+    # --- iteration -------------------------------------------------------------------------
+    def __iter__(self):
+        self.t_start = time.perf_counter()
+        self._reader = threading.Thread(target=self._read_loop, name="dmpo-source", daemon=True)
+        self._reader.start()
+        p = self.pipeline
+        end = None
+        try:
+            while end is None:
+                items, end = self._next_batch()
+                if items:
+                    x = np.stack([x for _, x in items])
+                    p.submit(x, tag=[f for f, _ in items])
+                yield from self._collect(p.results(wait=False))
+            yield from self._collect(p.results(wait=True))
+        finally:
+            self._shutdown()
+        self.t_end = time.perf_counter()
+        if end is not None and end.error is not None:
+            self.error = end.error
+            raise end.error
+
+    def _collect(self, finished):
+        classes = self.pipeline.classes
+        for frames, r in finished:
+            now = time.perf_counter()
+            for i, f in enumerate(frames):
+                cls = int(r.prediction[i])
+                lat = (now - f.t_capture) * 1000.0
+                k = int(r.exit_stage[i])
+                self.exit_counts[k] += 1
+                self.latencies_ms.append(lat)
+                if f.label is not None:
+                    self.labelled += 1
+                    self.correct += int(classes[cls] == f.label)
+                self.frames_done += 1
+                yield FrameResult(f.index, f.name, cls, classes[cls], float(r.confidence[i]), k, lat, len(frames), f.label)
+
+    def _shutdown(self):
+        self._stop.set()
+        with self._cv:
+            self._cv.notify_all()
+        if self._reader is not None:
+            self._reader.join(timeout=10)
+        if self._own_source:
+            self.source.close()
+        if self._own_pipeline:
+            self.pipeline.close()
+        if self.t_end is None:
+            self.t_end = time.perf_counter()
+
+    def summary(self) -> dict:
+        """Frames read / classified / dropped, FPS, latency percentiles (ms), exits per stage, accuracy if labelled."""
+        elapsed = ((self.t_end or time.perf_counter()) - self.t_start) if self.t_start else 0.0
+        lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.zeros(1)
+        flops = self.bundle.cumulative_flops
+        done = max(1, self.frames_done)
+        exp_flops = sum(c * f for c, f in zip(self.exit_counts, flops)) / done
+        out = {
+            "source": self.source.uri,
+            "mode": "realtime" if self.realtime else "lossless",
+            "frames_read": self.frames_read,
+            "frames_classified": self.frames_done,
+            "frames_dropped": self.frames_dropped,
+            "elapsed_s": round(elapsed, 4),
+            "fps": round(self.frames_done / elapsed, 2) if elapsed > 0 else None,
+            "latency_ms": {"mean": round(float(lat.mean()), 3), "p50": round(float(np.percentile(lat, 50)), 3),
+                           "p90": round(float(np.percentile(lat, 90)), 3), "p99": round(float(np.percentile(lat, 99)), 3)},
+            "exit_counts": list(self.exit_counts),
+            "exit_fractions": [round(c / done, 4) for c in self.exit_counts],
+            "ideal_speedup": round(flops[-1] / exp_flops, 3) if exp_flops > 0 and self.frames_done else None,
+            "thresholds": self.pipeline.thresholds,
+            "backend": self.pipeline.backend.name,
+        }
+        if self.labelled:
+            out["accuracy"] = round(self.correct / self.labelled, 4)
+            out["labelled"] = self.labelled
+        if getattr(self.source, "skipped", None):
+            out["skipped"] = list(self.source.skipped)
+        if self.error is not None:
+            out["error"] = str(self.error)
+        return out
+
+
+def stream(bundle, source, **kw) -> Stream:
+    """Classify frames from ``source`` (URI or FrameSource) with ``bundle``; iterate for FrameResults.
+
+    Keywords: ``batch`` (frames per micro-batch, default min(8, max_batch)), ``max_wait_ms`` (20),
+    ``realtime`` (default: True for cameras/live pipelines, False for files and folders), ``limit``
+    (stop after N frames), ``backend`` (auto), ``thresholds``, ``max_in_flight``, ``pipeline`` (reuse a
+    Pipeline), ``width``/``height`` (camera / GStreamer frame size), ``skip_bad`` (skip undecodable images).
+    """
+    return Stream(bundle, source, **kw)

@@ -1,0 +1,171 @@
+"""TensorRT backend: device keys and engine lookup (CPU), and the engines themselves (gpu marker).
+
+The gpu tests build engines for a toy bundle with the TensorRT builder right here (ONNX parser, one
+profile 1..max_batch), so they check the runtime independently of ``dmpo-edge build``.
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from dmpo_edge._lazy import available
+from dmpo_edge.errors import DmpoEdgeError
+from dmpo_edge.runtime.backends import get_backend
+from dmpo_edge.runtime.backends.trt import TrtBackend, device_key, find_engines, trt_ready
+
+
+def test_device_key_formula():
+    assert device_key("10.3.0", "NVIDIA Jetson Orin", (8, 7), "int8") == "10.3.0-nvidia_jetson_orin-sm87-int8"
+    assert device_key("11.0.1", "NVIDIA H200", "9.0", "fp16") == "11.0.1-nvidia_h200-sm90-fp16"
+    assert device_key("10.3.0", "Orin", "sm87", "fp32") == device_key("10.3.0", "orin", 87, "fp32")
+
+
+def test_device_key_matches_the_builder():
+    ts = pytest.importorskip("dmpo_edge.compile.trt_settings")
+    for args in [("10.3.0", "NVIDIA Jetson AGX Orin", (8, 7), "int8"), ("11.1", "NVIDIA GeForce RTX 4090", "8.9", "fp16")]:
+        assert device_key(*args) == ts.device_key(*args)
+
+
+def _fake_engines(bundle_path, key):
+    d = os.path.join(bundle_path, "engines", key)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "engines.json"), "w") as f:
+        json.dump({"device_key": key, "engines": [{"stage": 0, "file": "stage_0.engine"}]}, f)
+    return d
+
+
+def test_find_engines_refuses_other_devices_and_names_the_fix(toy_bundle, tmp_path):
+    src = toy_bundle(num_stages=2, seed=21)
+    path = str(tmp_path / "b")
+    shutil.copytree(src.path, path)
+    with pytest.raises(DmpoEdgeError, match=r"has no TensorRT engines. Run 'dmpo-edge build .*b'"):
+        find_engines(path, "10.3.0-nvidia_jetson_orin-sm87-fp32")
+    _fake_engines(path, "10.3.0-nvidia_jetson_orin-sm87-fp32")
+    d, meta = find_engines(path, "10.3.0-nvidia_jetson_orin-sm87-fp32")
+    assert d.endswith("10.3.0-nvidia_jetson_orin-sm87-fp32") and meta["engines"][0]["file"] == "stage_0.engine"
+    with pytest.raises(DmpoEdgeError, match=r"has engines for 10.3.0-nvidia_jetson_orin-sm87-fp32 but this device is "
+                                            r"10.5.0-nvidia_h200-sm90-fp32.*dmpo-edge build"):
+        find_engines(path, "10.5.0-nvidia_h200-sm90-fp32")
+
+
+@pytest.mark.skipif(available("tensorrt"), reason="TensorRT is installed here")
+def test_without_tensorrt_auto_is_ort_and_trt_names_the_extra(toy_bundle):
+    tb = toy_bundle(num_stages=2, seed=21)
+    assert not trt_ready(tb.path)
+    assert get_backend("auto", tb.path).name == "ort"
+    with pytest.raises(DmpoEdgeError, match=r"dmpo-edge\[trt\]"):
+        TrtBackend(tb.path).activate()
+
+
+# --- GPU ------------------------------------------------------------------------------------------
+def _gpu_ready():
+    if not available("tensorrt"):
+        return "TensorRT is not installed"
+    from dmpo_edge.runtime.device import cuda_device_present
+
+    if not (available("pycuda.driver") or available("cuda.bindings.runtime") or available("cuda.cudart")):
+        return "neither pycuda nor cuda-python is installed"
+    if not cuda_device_present():
+        return "no CUDA device"
+    return None
+
+
+_GPU_SKIP = _gpu_ready()
+
+
+def _build_engines(tb, max_batch):
+    """Engines for every stage of a toy bundle on this GPU, laid out as ``dmpo-edge build`` does."""
+    import tensorrt as trt
+
+    from dmpo_edge.bundle import Bundle, sha256_file
+    from dmpo_edge.runtime.backends.trt import this_device_key
+
+    b = Bundle.load(tb.path)
+    key = this_device_key(b.precision)
+    d = os.path.join(tb.path, "engines", key)
+    if os.path.isfile(os.path.join(d, "engines.json")):
+        return key
+    os.makedirs(d, exist_ok=True)
+    logger = trt.Logger(trt.Logger.WARNING)
+    entries = []
+    for k in range(b.num_stages):
+        builder = trt.Builder(logger)
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, logger)
+        assert parser.parse_from_file(b.stage_path(k)), [parser.get_error(i) for i in range(parser.num_errors)]
+        config = builder.create_builder_config()
+        prof = builder.create_optimization_profile()
+        for i in range(network.num_inputs):
+            t = network.get_input(i)
+            rest = tuple(t.shape)[1:]
+            prof.set_shape(t.name, (1, *rest), (max_batch, *rest), (max_batch, *rest))
+        config.add_optimization_profile(prof)
+        blob = builder.build_serialized_network(network, config)
+        assert blob is not None
+        name = f"stage_{k}.engine"
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(bytes(blob))
+        entries.append({"stage": k, "file": name, "sha256": sha256_file(os.path.join(d, name))})
+    with open(os.path.join(d, "engines.json"), "w") as f:
+        json.dump({"device_key": key, "engines": entries}, f)
+    return key
+
+
+@pytest.fixture(scope="module")
+def trt_toy(toy_bundle):
+    tb = toy_bundle(num_stages=3, classes=5, seed=31, max_batch=32)
+    _build_engines(tb, 32)
+    return tb
+
+
+@pytest.mark.parametrize("device", ["pycuda", "cuda-python"])
+@pytest.mark.gpu
+@pytest.mark.skipif(_GPU_SKIP is not None, reason=str(_GPU_SKIP))
+def test_trt_static_matches_reference(trt_toy, device):
+    if device == "pycuda" and not available("pycuda.driver"):
+        pytest.skip("pycuda is not installed")
+    if device == "cuda-python" and not (available("cuda.bindings.runtime") or available("cuda.cudart")):
+        pytest.skip("cuda-python is not installed")
+    from dmpo_edge.runtime.static import run_all_stages
+
+    x = trt_toy.inputs(45, seed=2)
+    with TrtBackend(trt_toy.path, device=device) as be:
+        got = run_all_stages(None, x, batch_size=16, backend=be, keep_features=True)
+    ref = trt_toy.reference(x)
+    for k in range(3):
+        np.testing.assert_allclose(got[k]["logits"], ref[k]["logits"], rtol=1e-3, atol=1e-3)
+        np.testing.assert_array_equal(got[k]["prediction"], ref[k]["prediction"])
+        if k < 2:
+            np.testing.assert_allclose(got[k]["features"], ref[k]["features"], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(refill=True, max_in_flight=3), dict(buckets="pow2")])
+@pytest.mark.gpu
+@pytest.mark.skipif(_GPU_SKIP is not None, reason=str(_GPU_SKIP))
+def test_trt_pipeline_matches_reference(trt_toy, opts):
+    from dmpo_edge.runtime.pipeline import Pipeline
+
+    assert trt_ready(trt_toy.path) and get_backend("auto", trt_toy.path).name == "trt"
+    x = trt_toy.inputs(150, seed=3)
+    ref_all = trt_toy.reference(x)
+    thr = [float(np.quantile(ref_all[0]["confidence"], 0.5)) + 1e-4, float(np.quantile(ref_all[1]["confidence"], 0.5)) + 1e-4]
+    with Pipeline.from_bundle(trt_toy.path, backend="auto", thresholds=thr, **opts) as p:
+        assert p.backend.name == "trt"
+        r = p.predict(x, batch_size=20, return_logits=True)
+    e = trt_toy.early_exit(x, thr)
+    np.testing.assert_array_equal(r.exit_stage, e["exit_stage"])
+    np.testing.assert_array_equal(r.prediction, e["prediction"])
+    np.testing.assert_allclose(r.logits, e["logits"], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_GPU_SKIP is not None, reason=str(_GPU_SKIP))
+def test_trt_engine_for_another_device_is_refused(trt_toy, tmp_path):
+    path = str(tmp_path / "b")
+    shutil.copytree(trt_toy.path, path, ignore=shutil.ignore_patterns("engines"))
+    _fake_engines(path, "9.0.0-some_other_gpu-sm50-fp32")
+    with pytest.raises(DmpoEdgeError, match="dmpo-edge build"):
+        TrtBackend(path).activate()
