@@ -8,7 +8,8 @@ Every configuration classifies the same samples with the same thresholds on the 
 backend; the figure is the median throughput over ``--repeats`` timed runs (after one warm-up run),
 interleaved round-robin so that drift on a shared machine hits every configuration alike.
 
-- ``one-at-a-time``: a plain loop, each batch through its stages before the next starts (no threads);
+- ``one-at-a-time``: a plain loop, each batch through its stages before the next starts (no threads),
+  with ONNX Runtime on all cores (``threads=all``) and on one (``threads=1``); the faster is the baseline;
 - ``in-flight=1``: the pipeline with one batch in flight (its thread hand-offs, no overlap);
 - ``in-flight=N``: N batches in flight: the exit decision of one overlaps work on the next;
 - ``+buckets``: survivors padded to the next power of two; ``+refill``: shrunken groups merged;
@@ -21,7 +22,6 @@ import argparse
 import glob
 import importlib.util
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -127,7 +127,9 @@ def main(argv=None) -> int:
     x = _inputs(bundle, args.samples)
     thr = _thresholds(bundle, x, args.exit_fraction)
     bs = min(args.batch, bundle.max_batch)
-    opts = {"threads": args.threads} if args.threads else {}
+    # No spinning anywhere: an idle session's spinning thread pool would steal the cores of whichever
+    # configuration runs next in the round-robin, and bias the comparison.
+    opts = {"threads": args.threads, "spinning": False} if args.threads else {"spinning": False}
     print(f"bundle {path} ({bundle.num_stages} stages, {bundle.precision}), {x.shape[0]} samples, batch {bs}, "
           f"thresholds {[round(t, 4) for t in thr]}, {os.cpu_count()} cpus")
 
@@ -142,37 +144,46 @@ def main(argv=None) -> int:
     }
     pipes = {name: Pipeline.from_bundle(bundle, backend="ort", thresholds=thr, backend_options=opts, **kw)
              for name, kw in configs.items()}
-    seq = OrtBackend(bundle, **opts).activate()
-    runs = {"one-at-a-time": lambda: one_at_a_time(seq, x, bs, thr)}
+    seq_all = OrtBackend(bundle, **opts).activate()
+    seq_one = OrtBackend(bundle, threads=1, spinning=False).activate()
+    runs = {"one-at-a-time threads=all": lambda: one_at_a_time(seq_all, x, bs, thr),
+            "one-at-a-time threads=1": lambda: one_at_a_time(seq_one, x, bs, thr)}
     for name, p in pipes.items():
         runs[name] = (lambda p=p: p.predict(x, batch_size=bs).prediction)
     static = pipes["in-flight=2"]
     runs["static (in-flight=2)"] = lambda: static.run_static(x, batch_size=bs).prediction
     ref = None
     times = {name: [] for name in runs}
+    cpu = {name: [] for name in runs}
     for r in range(args.repeats + 1):
         for name, fn in runs.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             pred = fn()
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if r > 0:
                 times[name].append(dt)
+                cpu[name].append(dc)
             if name != "static (in-flight=2)":
                 if ref is None:
                     ref = pred
                 assert np.array_equal(pred, ref), f"{name} disagrees with the others"
-    stats = pipes["in-flight=2"].stats()
-    exits = [s["exited"] for s in stats]
-    total = sum(exits) or 1
-    print(f"exit distribution: {[round(e / total, 3) for e in exits]}")
-    base = statistics.median(times["one-at-a-time"])
-    print(f"{'configuration':<32s} {'samples/s':>10s} {'median ms':>10s} {'vs one-at-a-time':>17s}")
+    r = pipes["in-flight=2"].predict(x, batch_size=bs)
+    dist = np.bincount(r.exit_stage, minlength=bundle.num_stages) / max(1, x.shape[0])
+    print(f"exit distribution: {[round(float(d), 3) for d in dist]}  (ORT threads per session in the pipelines: "
+          f"{pipes['in-flight=2'].backend.threads} with 2 in flight)")
+    base = min(min(times["one-at-a-time threads=all"]), min(times["one-at-a-time threads=1"]))
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus (other processes share them: wall-clock "
+          "figures favour configurations with more busy threads; CPU-seconds do not)")
+    print(f"{'configuration':<32s} {'samples/s':>10s} {'best ms':>10s} {'vs best one-at-a-time':>22s} {'cpu s':>7s} "
+          f"{'samples/cpu-s':>14s}")
     for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{name:<32s} {x.shape[0] / med:10.1f} {med * 1000:10.1f} {base / med:16.2f}x")
+        med = min(ts)
+        c = min(cpu[name])
+        print(f"{name:<32s} {x.shape[0] / med:10.1f} {med * 1000:10.1f} {base / med:21.2f}x {c:7.2f} {x.shape[0] / c:14.1f}")
     for p in pipes.values():
         p.close()
-    seq.deactivate()
+    seq_all.deactivate()
+    seq_one.deactivate()
     return 0
 
 

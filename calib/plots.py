@@ -80,7 +80,7 @@ def plot_curves(curves, path: str, operating_points=(), anytime=(), title: str |
             top.set_xlabel("expected cost (% of the full model's FLOPs)")
         if title:
             ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
         return save_figure_atomic(fig, path)
     finally:
         plt.close(fig)

@@ -228,10 +228,19 @@ def pareto_front(points: list) -> list:
 
 
 # --- solvers ---------------------------------------------------------------------------------------------------
-def minimum_cost(cumulative_flops) -> float:
-    """Cost fraction when everyone leaves at the first exit (same formula as :func:`evaluate_thresholds`)."""
+def minimum_cost(cumulative_flops, num_samples: int | None = None) -> float:
+    """Cost fraction when everyone leaves at the first exit.
+
+    With ``num_samples`` it is computed with exactly the arithmetic of :func:`evaluate_thresholds` on that many
+    samples (``(n * f0) / n`` can differ from ``f0`` in the last bit), so ``budget >= minimum_cost(f, n)``
+    guarantees that "everyone leaves at exit 0" meets the budget.
+    """
     flops = np.asarray(cumulative_flops, dtype=np.float64)
-    return float(flops[0]) / float(flops[-1])
+    if num_samples is None:
+        return float(flops[0]) / float(flops[-1])
+    counts = np.zeros(flops.shape, np.int64)
+    counts[0] = num_samples
+    return (float(counts @ flops) / num_samples) / float(flops[-1])
 
 
 def _exit_order(conf_k: np.ndarray, idx: np.ndarray):
@@ -321,14 +330,14 @@ def solve_budget(confidence, correct, cumulative_flops, budget: float, sweep_poi
     conf, corr, flops = check_calibration_arrays(confidence, correct, cumulative_flops)
     if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
         raise DmpoEdgeError("budget", f"budget {budget!r} must be a positive fraction of the full model's FLOPs, e.g. 0.4")
-    lo = minimum_cost(flops)
+    n = conf.shape[1]
+    lo = minimum_cost(flops, n)
     if budget < lo:
         raise DmpoEdgeError(
             "budget",
             f"budget {budget:.4g} is below the cheapest possible cost: everyone leaving at the first exit costs "
             f"{lo:.4g} of the full model's FLOPs (minimum achievable). Use --budget {math.ceil(lo * 1000) / 1000:.3f} or more",
         )
-    n = conf.shape[1]
     full = float(flops[-1])
     if sweep_points is None:
         sweep_points = budgeted_batch_sweep(conf, corr, flops, check=False)

@@ -87,6 +87,8 @@ def _quiet():
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
+    ort = require("onnxruntime", "INT8 calibration")
+    ort.set_default_logger_severity(3)  # the C++ side warns about every unused initializer it drops
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")

@@ -81,8 +81,30 @@ def _check_keys(obj, schema: dict, where: str) -> None:
             raise DmpoEdgeError(where, f"key '{key}' must be {getattr(typ, '__name__', typ)}, found {type(val).__name__}")
 
 
+def _number(v, what: str, where: str, allow_inf: bool = False) -> float:
+    """A JSON number as a float: refuses booleans, NaN, ints too large for a float and (unless allowed) infinities."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise DmpoEdgeError(where, f"{what} {v!r} is not a number")
+    try:
+        f = float(v)
+    except OverflowError:
+        raise DmpoEdgeError(where, f"{what} is out of range (an integer of {v.bit_length()} bits)") from None
+    if math.isnan(f) or (math.isinf(f) and not allow_inf):
+        raise DmpoEdgeError(where, f"{what} {v!r} is not a finite number")
+    return f
+
+
 def validate_manifest(m) -> dict:
     """Raise :class:`DmpoEdgeError` unless ``m`` is a manifest this version can run; return it."""
+    try:
+        return _validate_manifest(m)
+    except DmpoEdgeError:
+        raise
+    except Exception as exc:  # a manifest is untrusted input: any shape the checks did not foresee is still just invalid
+        raise DmpoEdgeError("manifest", f"is malformed ({type(exc).__name__}: {exc}). Recompile the bundle or copy it again") from None
+
+
+def _validate_manifest(m) -> dict:
     where = "manifest"
     _check_keys(m, SCHEMA, where)
     if m["format"] != FORMAT:
@@ -119,20 +141,24 @@ def validate_manifest(m) -> dict:
                 raise DmpoEdgeError(sw, f"tensor {t['name']!r} has unknown dtype {t['dtype']!r}")
             if not all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in t["shape"]):
                 raise DmpoEdgeError(sw, f"tensor {t['name']!r} has a malformed shape {t['shape']!r}")
+        if _number(st["flops"], "flops", sw) < 0 or _number(st["cumulative_flops"], "cumulative_flops", sw) < 0:
+            raise DmpoEdgeError(sw, "flops must not be negative")
         outs = {t["name"] for t in st["outputs"]}
         need = {"logits", "confidence", "prediction"} | ({"features"} if k < len(stages) - 1 else set())
         if not need <= outs:
             raise DmpoEdgeError(sw, f"outputs {sorted(outs)} lack {sorted(need - outs)} (the stage contract)")
-        for var in (st.get("variants") or {}).values():
+        variants = st.get("variants") or {}
+        if not isinstance(variants, dict):
+            raise DmpoEdgeError(sw, f"variants must be an object (name -> file, sha256), found {type(variants).__name__}")
+        for var in variants.values():
             _check_keys(var, {"file": str, "sha256": str}, sw + " variant")
     th = m.get("thresholds")
     if th is not None:
         vals = th.get("values") if isinstance(th, dict) else None
         if not isinstance(vals, list) or len(vals) != len(stages) - 1:
             raise DmpoEdgeError(where, f"thresholds.values must list {len(stages) - 1} numbers (one per early exit)")
-        for v in vals:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
-                raise DmpoEdgeError(where, f"threshold {v!r} is not a number")
+        for v in vals:  # inf is allowed: "never exit here"
+            _number(v, "threshold", where, allow_inf=True)
     return m
 
 
@@ -202,7 +228,7 @@ class Bundle:
             with open(mpath, "rb") as f:
                 raw = f.read(16 << 20)
             manifest = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # ValueError covers JSONDecodeError, bad UTF-8 and 5000-digit ints
             raise DmpoEdgeError(where, f"manifest.json is not valid JSON ({exc}). The bundle is damaged; recompile or copy it again") from None
         try:
             validate_manifest(manifest)

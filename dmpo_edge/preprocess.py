@@ -6,6 +6,7 @@ bit-for-bit the pixels it sees on the device, whatever decoder the device has.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -16,6 +17,8 @@ __all__ = ["Preprocess", "resize_bilinear", "to_rgb_uint8"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: largest resize / crop side accepted (a network input far beyond any edge model's)
+MAX_SIDE = 8192
 
 
 def to_rgb_uint8(image: np.ndarray, where: str = "preprocess") -> np.ndarray:
@@ -41,13 +44,18 @@ def to_rgb_uint8(image: np.ndarray, where: str = "preprocess") -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize with half-pixel centres (the convention of OpenCV, PIL without antialias, ONNX Resize)."""
+def resize_bilinear(image: np.ndarray, height: int, width: int, window: tuple | None = None) -> np.ndarray:
+    """Bilinear resize with half-pixel centres (the convention of OpenCV, PIL without antialias, ONNX Resize).
+
+    ``window=(top, left, h, w)`` computes only that part of the resized image (bit-identical to resizing
+    and then cropping): memory stays bounded by the window however extreme the source's aspect ratio.
+    """
     h, w = image.shape[:2]
+    top, left, out_h, out_w = window if window is not None else (0, 0, height, width)
     if (h, w) == (height, width):
-        return image.astype(np.float32)
-    ys = (np.arange(height, dtype=np.float32) + 0.5) * (h / height) - 0.5
-    xs = (np.arange(width, dtype=np.float32) + 0.5) * (w / width) - 0.5
+        return image[top:top + out_h, left:left + out_w].astype(np.float32)
+    ys = (np.arange(top, top + out_h, dtype=np.float32) + 0.5) * (h / height) - 0.5
+    xs = (np.arange(left, left + out_w, dtype=np.float32) + 0.5) * (w / width) - 0.5
     ys = np.clip(ys, 0, h - 1)
     xs = np.clip(xs, 0, w - 1)
     y0 = np.floor(ys).astype(np.int64)
@@ -57,9 +65,10 @@ def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
     wy = (ys - y0)[:, None, None]
     wx = (xs - x0)[None, :, None]
     img = image.astype(np.float32)
-    top = img[y0][:, x0] * (1 - wx) + img[y0][:, x1] * wx
-    bot = img[y1][:, x0] * (1 - wx) + img[y1][:, x1] * wx
-    return top * (1 - wy) + bot * wy
+    y0, y1, x0, x1 = y0[:, None], y1[:, None], x0[None, :], x1[None, :]  # gather out_h x out_w only
+    top_row = img[y0, x0] * (1 - wx) + img[y0, x1] * wx
+    bot_row = img[y1, x0] * (1 - wx) + img[y1, x1] * wx
+    return top_row * (1 - wy) + bot_row * wy
 
 
 @dataclass
@@ -79,6 +88,15 @@ class Preprocess:
     size: tuple = field(default=None)
 
     def __post_init__(self):
+        for name in ("resize", "crop"):  # integral values only (numpy ints and 224.0 are fine, "224" and 224.5 are not)
+            v = getattr(self, name)
+            try:
+                ok = not isinstance(v, (bool, str)) and int(v) == v
+            except (TypeError, ValueError, OverflowError):
+                ok = False
+            if not ok:
+                raise DmpoEdgeError("preprocess", f"{name} {v!r} must be a positive integer")
+            setattr(self, name, int(v))
         if self.size is None:
             self.size = (self.crop, self.crop)
         self.size = tuple(int(s) for s in self.size)
@@ -92,6 +110,16 @@ class Preprocess:
             )
         if self.crop > self.resize or self.crop < 1:
             raise DmpoEdgeError("preprocess", f"crop {self.crop} must be between 1 and resize {self.resize}")
+        # Manifests come from elsewhere: sizes that would allocate gigabytes per frame, or a zero / non-finite
+        # std that turns every pixel into Inf / NaN, are refused here rather than met at run time.
+        if self.resize > MAX_SIDE:
+            raise DmpoEdgeError("preprocess", f"resize {self.resize} must be at most {MAX_SIDE}")
+        if self.size != (self.crop, self.crop):
+            raise DmpoEdgeError("preprocess", f"size {list(self.size)} must equal the crop ({self.crop} x {self.crop})")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise DmpoEdgeError("preprocess", "mean and std need 3 values (R, G, B)")
+        if not all(math.isfinite(v) for v in self.mean + self.std) or not all(v > 0 for v in self.std):
+            raise DmpoEdgeError("preprocess", f"mean {list(self.mean)} / std {list(self.std)} must be finite, std > 0")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -104,7 +132,7 @@ class Preprocess:
     def from_dict(cls, d: dict) -> "Preprocess":
         try:
             return cls(**{k: d[k] for k in ("resize", "crop", "mean", "std", "layout", "interpolation", "channels", "size") if k in d})
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise DmpoEdgeError("preprocess", f"invalid preprocessing record {d!r}: {exc}") from None
 
     def one(self, image: np.ndarray) -> np.ndarray:
@@ -113,9 +141,9 @@ class Preprocess:
         h, w = img.shape[:2]
         scale = self.resize / min(h, w)
         nh, nw = max(self.crop, int(round(h * scale))), max(self.crop, int(round(w * scale)))
-        img = resize_bilinear(img, nh, nw)
         top, left = (nh - self.crop) // 2, (nw - self.crop) // 2
-        img = img[top : top + self.crop, left : left + self.crop]
+        # only the centre crop is computed: a 1 x 100000 image must not become a 224 x 22,400,000 float array
+        img = resize_bilinear(img, nh, nw, window=(top, left, self.crop, self.crop))
         img = (img / 255.0 - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32)
 

@@ -27,9 +27,7 @@ import numpy as np
 
 from .._lazy import require
 from ..errors import DmpoEdgeError
-from .bench_stats import (
-    TRTEXEC_PERCENTILES, exit_histogram, expected_cost, ideal_speedup, percentile, summarize,
-)
+from .bench_stats import TRTEXEC_PERCENTILES, expected_cost, ideal_speedup, summarize
 
 __all__ = [
     "DEFAULT_WARMUP_MS", "DEFAULT_DURATION_S", "DEFAULT_ITERATIONS", "DEFAULT_SWEEP_BUDGETS",
@@ -175,6 +173,9 @@ class BenchSettings:
     duration_s: float = DEFAULT_DURATION_S
     iterations: int = DEFAULT_ITERATIONS
     percentiles: tuple = TRTEXEC_PERCENTILES
+    # Also time a stream: each call hands `stream_batches` batches to the pipeline at once, so up to
+    # max_in_flight of them overlap (what the pipeline is built for); 0 = off.
+    stream_batches: int = 16
 
     def check(self) -> "BenchSettings":
         if not (self.warmup_ms >= 0 and math.isfinite(self.warmup_ms)):
@@ -183,6 +184,8 @@ class BenchSettings:
             raise DmpoEdgeError(WHERE, f"--duration {self.duration_s} must be >= 0 s")
         if int(self.iterations) < 1:
             raise DmpoEdgeError(WHERE, f"--iterations {self.iterations} must be at least 1")
+        if int(self.stream_batches) < 0:
+            raise DmpoEdgeError(WHERE, f"--stream {self.stream_batches} must be >= 0 (0 = no streaming run)")
         return self
 
 
@@ -295,13 +298,44 @@ def _exit_summary(rec: _Record, cumulative_flops, expected) -> dict:
     return out
 
 
+def _efficiency_breakdown(ee: dict, st: dict, batch: int, ideal_flops: float) -> dict | None:
+    """Split the efficiency into three factors whose product it is, to say what limits it.
+
+    - ``flops_to_time``: the ideal speed-up from the static run's *measured* per-stage backend times
+      (weighted by how many samples reached each stage) over the FLOP-based ideal. Below 1 when the early
+      stages take a larger share of the time than of the FLOPs (e.g. high-resolution depthwise layers).
+    - ``batch_efficiency``: that predicted early-exit backend time over the measured one. Below 1 when
+      the regrouped, smaller batches of deeper stages cost more per sample than full ones.
+    - ``host_factor``: the backend's share of the wall time in the early-exit run over its share in the
+      static run. Below 1 when the pipeline's own per-stage work (threads, exit decisions, regrouping)
+      weighs more on the early-exit run, which has fewer samples per stage batch to spread it over.
+    """
+    n = ee["iterations"]
+    static_stage = [s["time_ms_per_iteration"] for s in st["stages"]]
+    reach = [s["samples_in"] / (batch * n) for s in ee["stages"]]
+    predicted = float(np.dot(reach, static_stage))
+    b_s, b_e = st["backend_ms_per_iteration"], ee["backend_ms_per_iteration"]
+    w_s, w_e = st["latency_ms"]["mean"], ee["latency_ms"]["mean"]
+    if min(predicted, b_s, b_e, w_s, w_e) <= 0:
+        return None
+    ideal_time = b_s / predicted
+    return {
+        "ideal_from_stage_times": ideal_time,
+        "flops_to_time": ideal_time / ideal_flops,
+        "batch_efficiency": predicted / b_e,
+        "host_factor": (b_e / w_e) / (b_s / w_s),
+    }
+
+
 def bench_batch(pipeline, x: np.ndarray, labels, batch: int, configs: list, settings: BenchSettings,
-                cumulative_flops, duration_s: float | None = None, static_first: bool = False) -> dict:
+                cumulative_flops, duration_s: float | None = None, static_first: bool = False,
+                stage_batch: int | None = None) -> dict:
     """Time every early-exit configuration in ``configs`` and the static model at one batch size.
 
     ``configs``: list of dicts ``{"name", "thresholds", "expected" (K floats or None), ...}``; extra keys
     are copied into the result. Round r runs batch r of the data through each configuration and the
-    static model in turn (early exit first unless ``static_first``).
+    static model in turn (early exit first unless ``static_first``). With ``stage_batch`` each call
+    holds ``batch`` samples that the pipeline cuts into batches of ``stage_batch`` kept in flight together.
     """
     K = pipeline.num_stages
     xs, ys, _ = batches_of(x, batch, labels)
@@ -311,8 +345,8 @@ def bench_batch(pipeline, x: np.ndarray, labels, batch: int, configs: list, sett
     def make(rec):
         def call(j):
             if rec.kind == "static":
-                return pipeline.run_static(xs[j], batch_size=batch)
-            return pipeline.predict(xs[j], batch_size=batch, thresholds=rec.thresholds)
+                return pipeline.run_static(xs[j], batch_size=stage_batch or batch)
+            return pipeline.predict(xs[j], batch_size=stage_batch or batch, thresholds=rec.thresholds)
 
         return Runner(rec.name, call, before=lambda j: rec.before(pipeline),
                       after=lambda j, res: rec.after(pipeline, res, None if ys is None else ys[j]))
@@ -340,6 +374,8 @@ def bench_batch(pipeline, x: np.ndarray, labels, batch: int, configs: list, sett
             "ideal": ideal,
             "efficiency": realised / ideal if ideal else None,
         }
+        if ideal:
+            ee["speedup"]["breakdown"] = _efficiency_breakdown(ee, st, batch, ideal)
         if "accuracy" in ee and "accuracy" in st:
             ee["accuracy_drop"] = st["accuracy"] - ee["accuracy"]
         out["early_exit"].append(ee)
@@ -373,6 +409,10 @@ def run_benchmark(pipeline, x: np.ndarray, labels, settings: BenchSettings, thre
             ee = r.pop("early_exit")[0]
             ee.pop("name", None)
             r["early_exit"] = ee
+            if settings.stream_batches:
+                if progress:
+                    progress(f"batch {b}: streams of {settings.stream_batches} batches, early exit vs static")
+                r["streaming"] = _streaming(pipeline, x, labels, b, thresholds, expected, settings, cum)
             report["results"].append(r)
         if sweep:
             if progress:
@@ -384,6 +424,25 @@ def run_benchmark(pipeline, x: np.ndarray, labels, settings: BenchSettings, thre
                 r["trace"] = trace
             report["sweep"].append(r)
     return report
+
+
+def _streaming(pipeline, x, labels, batch, thresholds, expected, settings, cum) -> dict:
+    """Throughput with batches in flight: each call is ``stream_batches`` batches handed over at once."""
+    count = int(settings.stream_batches)
+    r = bench_batch(pipeline, x, labels, count * batch, [{"name": "early_exit", "thresholds": list(thresholds),
+                                                          "expected": expected}], settings, cum, stage_batch=batch)
+    r.pop("_trace")
+    ee = r["early_exit"][0]
+    keep = ("iterations", "throughput", "latency_ms", "stages", "backend_ms_per_iteration",
+            "host_overhead_ms_per_stage_batch", "accuracy")
+    return {
+        "batches_per_call": count,
+        "max_in_flight": getattr(pipeline, "max_in_flight", None),
+        # latency here is of a whole call (a stream of batches); the figure that matters is throughput
+        "early_exit": {("call_latency_ms" if k == "latency_ms" else k): ee[k] for k in keep if k in ee} | {"exits": ee["exits"]},
+        "static": {("call_latency_ms" if k == "latency_ms" else k): r["static"][k] for k in keep if k in r["static"]},
+        "speedup": ee["speedup"],
+    }
 
 
 # --- host overhead with a backend that does no work -----------------------------------------------
@@ -460,6 +519,10 @@ def _fmt_ms(v) -> str:
     return f"{v:9.3f}" if v is not None and math.isfinite(v) else f"{'-':>9}"
 
 
+def _f3(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
 def _lat_cols(percentiles) -> list:
     return ["min", "mean", "median"] + [f"p{p:g}" for p in percentiles] + ["max"]
 
@@ -494,7 +557,7 @@ def format_report(report: dict) -> str:
         _backend_line(report["backend"]),
         f"data: {report['data']['source']} ({report['data']['samples']} samples"
         + (", labelled)" if report["data"]["labelled"] else ", unlabelled)"),
-        f"thresholds: {report['thresholds']['values']} ({report['thresholds']['source']})"
+        f"thresholds: [{', '.join(f'{t:.4g}' for t in report['thresholds']['values'])}] ({report['thresholds']['source']})"
         if report.get("thresholds") else "thresholds: none (sweep only)",
         f"warm-up {s['warmup_ms']:g} ms, then >= {s['iterations']} iterations and >= {s['duration_s']:g} s per batch size; "
         "early exit and static interleaved; percentiles as trtexec",
@@ -519,6 +582,16 @@ def format_report(report: dict) -> str:
         if "accuracy" in ee:
             lines.append(f"  accuracy on the bench data: early exit {ee['accuracy']:.4f}, static {st['accuracy']:.4f} "
                          f"(drop {100 * ee['accuracy_drop']:.2f} points)")
+        bd = sp.get("breakdown")
+        if bd:
+            lines.append(f"  efficiency = flops-to-time {bd['flops_to_time']:.3f} x batch efficiency {bd['batch_efficiency']:.3f} "
+                         f"x host factor {bd['host_factor']:.3f} (ideal from measured stage times {bd['ideal_from_stage_times']:.3f}x)")
+        sm = r.get("streaming")
+        if sm:
+            ssp = sm["speedup"]
+            lines.append(f"  streaming ({sm['batches_per_call']} batches per call, {sm['max_in_flight']} in flight): early exit "
+                         f"{sm['early_exit']['throughput']:.1f}/s, static {sm['static']['throughput']:.1f}/s, realised "
+                         f"{ssp['realised']:.3f}x, efficiency {_f3(ssp['efficiency'])}")
         ov = ee.get("host_overhead_ms_per_stage_batch")
         if ov is not None:
             lines.append(f"  pipeline overhead around the backend: {ov:.3f} ms per stage batch "

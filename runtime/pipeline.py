@@ -175,7 +175,6 @@ class Pipeline:
         self.num_stages = bundle.num_stages
         self.classes = list(bundle.classes)
         self.num_classes = len(self.classes)
-        self.max_batch = bundle.max_batch
         if thresholds is None:
             thresholds = bundle.thresholds
         if thresholds is None:
@@ -184,6 +183,8 @@ class Pipeline:
                                     "first, or pass thresholds=[...] (one per early exit)")
             thresholds = ()
         self._thresholds = _check_thresholds(thresholds, self.num_stages)
+        self.backend.activate()
+        self.max_batch = backend.max_batch  # TensorRT engines may be built for less than the manifest's max batch
         if not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise DmpoEdgeError("pipeline", f"max_in_flight {max_in_flight!r} must be a positive integer")
         self.max_in_flight = max_in_flight
@@ -199,7 +200,6 @@ class Pipeline:
         self._closed = False
         self._upstream = [0] * self.num_stages  # groups queued for or running in stages < k (refill waits on them)
         self._queues = [queue.Queue() for _ in range(self.num_stages)]
-        self.backend.activate()
         self._workers = [threading.Thread(target=self._worker, args=(k,), name=f"dmpo-stage-{k}", daemon=True)
                          for k in range(self.num_stages)]
         for w in self._workers:

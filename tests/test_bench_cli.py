@@ -9,7 +9,7 @@ import pytest
 from dmpo_edge.bundle import write_json_atomic
 from dmpo_edge.cli import main
 
-QUICK = ["--duration", "0.2", "--iterations", "3", "--warmup", "10", "--threads", "1", "--quiet"]
+QUICK = ["--duration", "0.2", "--iterations", "3", "--warmup", "10", "--threads", "1", "--stream", "2", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,7 @@ def test_short_real_run_on_digits(capsys, digit_bundle, tmp_path):
         assert {"realised", "ideal", "efficiency"} <= set(ee["speedup"])
         assert "accuracy" in ee and "accuracy" in st
         assert set(ee["latency_ms"]) >= {"min", "mean", "median", "p90", "p95", "p99", "max"}
+        assert r["streaming"]["batches_per_call"] == 2
     for word in ("throughput", "early exit", "static", "speed-up: realised", "exits: realised", "batch 8"):
         assert word in printed
 

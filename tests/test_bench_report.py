@@ -11,7 +11,7 @@ from dmpo_edge.runtime.bench_stats import exit_histogram
 from dmpo_edge.runtime.pipeline import Pipeline
 
 THRESHOLDS = [0.8, 0.8]
-QUICK = BenchSettings(batch_sizes=[1, 8, 32], warmup_ms=10, duration_s=0.15, iterations=3)
+QUICK = BenchSettings(batch_sizes=[1, 8, 32], warmup_ms=10, duration_s=0.15, iterations=3, stream_batches=3)
 
 
 def test_interleave_alternates_and_feeds_the_same_batch():
@@ -98,6 +98,17 @@ def test_report_per_batch_size_and_exit_bookkeeping(measured):
         assert ee["throughput"] == pytest.approx(b / (lat["mean"] / 1e3), rel=1e-6)
         assert st["accuracy"] == 1.0 and 0.0 <= ee["accuracy"] <= 1.0
         assert ee["accuracy_drop"] == pytest.approx(1.0 - ee["accuracy"])
+        # the efficiency's three factors multiply back to it
+        bd = sp["breakdown"]
+        assert bd["flops_to_time"] * bd["batch_efficiency"] * bd["host_factor"] == pytest.approx(sp["efficiency"])
+        # streaming: each call hands 3 batches over at once; same bookkeeping per sample
+        sm = r["streaming"]
+        assert sm["batches_per_call"] == 3 and sm["max_in_flight"] == 2
+        m = sm["early_exit"]["iterations"]
+        assert sum(sm["early_exit"]["exits"]["histogram"]) == 3 * b * m
+        assert sm["early_exit"]["stages"][0]["batches"] == 3 * m  # cut into stage batches of b
+        assert sm["static"]["stages"][-1]["samples_in"] == 3 * b * sm["static"]["iterations"]
+        assert sm["speedup"]["realised"] == pytest.approx(sm["static"]["call_latency_ms"]["mean"] / sm["early_exit"]["call_latency_ms"]["mean"])
     json.dumps(rep, allow_nan=False)  # the report is plain JSON
 
 
@@ -115,7 +126,7 @@ def test_sweep_times_every_configuration_against_static(toy_bundle):
     x = tb.inputs(64, seed=2)
     cfgs = [{"name": "loose", "thresholds": [0.5, 0.5], "budget": 0.5},
             {"name": "never", "thresholds": [2.0, 2.0], "budget": 1.0}]
-    s = BenchSettings(batch_sizes=[16], warmup_ms=0, duration_s=0.05, iterations=3)
+    s = BenchSettings(batch_sizes=[16], warmup_ms=0, duration_s=0.05, iterations=3, stream_batches=0)
     with Pipeline.from_bundle(tb.path, backend="ort", backend_options={"threads": 1}) as pipe:
         rep = run_benchmark(pipe, x, None, s, thresholds=None, sweep=cfgs, keep_trace=True)
     assert rep["results"] == [] and len(rep["sweep"]) == 1

@@ -363,3 +363,27 @@ def test_cli_eval_on_an_image_folder(fresh_bundle, tmp_path, capsys):
     assert main(["eval", fresh_bundle, "--data", folder, "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "no thresholds yet" in out and "60 samples" in out
+
+
+# --- a bundle written by the compiler ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_compiled_bundle_confidence_follows_its_policy_and_calibration_records_it(tmp_path):
+    torch = pytest.importorskip("torch")
+    from dmpo_edge.compile import compile_bundle
+    from dmpo_edge.models import TINY_VIT_CONFIG, build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(TINY_VIT_CONFIG)
+    ckpt = save_checkpoint(str(tmp_path / "tiny.pt"), model, classes=[str(i) for i in range(10)],
+                           preprocess=Preprocess(resize=32, crop=32).to_dict(), loss_schedule={}, metrics={})
+    path = str(tmp_path / "tiny_margin")
+    compile_bundle(ckpt, path, precision="fp32", exit_policy="margin", holdout="digits:val", progress=False)
+    out = stage_outputs(path, "digits:val", progress=False)
+    assert out.policy == "margin"
+    for k in range(out.num_stages):
+        np.testing.assert_allclose(out.confidence[k], get_policy("margin")(out.logits[k]), atol=1e-5)
+    assert np.abs(get_policy("max_softmax")(out.logits[0]) - out.confidence[0]).min() > 0.01
+    calibrate(path, outputs=out, budget=0.9)
+    b = Bundle.load(path)
+    assert b.manifest["thresholds"]["policy"] == b.manifest["exit_policy"] == "margin"
+    assert b.manifest["thresholds"]["expected_cost"] <= 0.9

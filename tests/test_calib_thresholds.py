@@ -144,6 +144,18 @@ def test_budget_below_the_cheapest_cost_names_the_minimum():
     assert pt.exit_counts.tolist() == [20, 0] and pt.expected_cost == 0.5
 
 
+def test_budget_at_exactly_the_minimum_is_met_despite_float_rounding():
+    # (98 * f0) / 98 > f0 in floating point for this f0: the minimum is computed the way costs are evaluated
+    rng = np.random.default_rng(5)
+    n, flops = 98, np.array([2.875909520871794, 4.5, 5.0, 6.0])
+    assert (n * flops[0]) / n / flops[-1] > flops[0] / flops[-1]
+    conf = rng.random((4, n)).astype(f32)
+    correct = rng.random((4, n)) < 0.7
+    lo = th.minimum_cost(flops, n)
+    pt = th.solve_budget(conf, correct, flops, lo)
+    assert pt.expected_cost <= lo and pt.exit_counts[0] == n
+
+
 def test_tiny_or_empty_split_says_how_many_samples_are_needed():
     conf, correct, flops = _two_exit_case()
     with pytest.raises(DmpoEdgeError, match=r"at least 10 per exit, i\.e\. 20"):
@@ -191,8 +203,8 @@ def calibration_problem(draw):
     acc = np.sort(rng.uniform(0.3, 1.0, k_stages))
     correct = rng.random((k_stages, n)) < acc[:, None]
     flops = np.cumsum(rng.uniform(0.1, 3.0, k_stages))
-    lo = flops[0] / flops[-1]
-    budget = draw(st.floats(0.0, 1.0)) * (1.0 - lo) + lo
+    lo = th.minimum_cost(flops, n)
+    budget = min(1.0, max(lo, draw(st.floats(0.0, 1.0)) * (1.0 - lo) + lo))
     return conf, correct, flops, float(budget)
 
 

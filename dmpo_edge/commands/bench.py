@@ -17,7 +17,7 @@ RANDOM_SAMPLES = 512
 
 
 def add_arguments(p) -> None:
-    from ..runtime.bench import DEFAULT_DURATION_S, DEFAULT_ITERATIONS, DEFAULT_WARMUP_MS
+    from ..runtime.bench import DEFAULT_DURATION_S, DEFAULT_ITERATIONS, DEFAULT_SWEEP_BUDGETS, DEFAULT_WARMUP_MS
 
     p.add_argument("bundle", metavar="BUNDLE", help="bundle folder written by 'dmpo-edge compile'")
     p.add_argument("--backend", default="auto",
@@ -40,13 +40,18 @@ def add_arguments(p) -> None:
     p.add_argument("--samples", type=int, metavar="N", help="use a fixed random subset of N images (default all)")
     th = p.add_mutually_exclusive_group()
     th.add_argument("--budget", type=float, metavar="X",
-                    help="thresholds for expected cost <= X of the full model, solved on the bench data")
+                    help="thresholds with the highest cost <= X of the full model's FLOPs on the bench data "
+                         "(budgeted-batch points of the calibration sweep, label-free)")
     th.add_argument("--thresholds", metavar="T0,T1,...", help="explicit thresholds, one per early exit")
-    p.add_argument("--sweep", nargs="?", const="0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0", metavar="BUDGETS",
-                   help="also time thresholds solved for several budgets (default 0.3,0.4,...,1.0) -> table + PNG")
+    p.add_argument("--sweep", nargs="?", const=",".join(f"{b:g}" for b in DEFAULT_SWEEP_BUDGETS), metavar="BUDGETS",
+                   help="also time the operating point of each budget (default 0.3,0.4,...,1.0) against the static "
+                        "model -> table + PNG")
     p.add_argument("--plot", metavar="PNG", help="where the sweep plot goes (default: beside --json, else bench_sweep.png)")
     p.add_argument("--host-overhead", action="store_true",
                    help="also measure the pipeline's own cost per stage per batch with the null backend (no inference)")
+    p.add_argument("--stream", type=int, default=16, metavar="N",
+                   help="also time streams of N batches handed over at once, so batches overlap in the pipeline "
+                        "(throughput with batches in flight; default 16, 0 = off)")
     p.add_argument("--max-in-flight", type=int, default=2, metavar="N", help="pipeline: batches in flight (default 2)")
     p.add_argument("--buckets", metavar="pow2|B1,B2,...", help="pipeline: pad stage batches up to these sizes")
     p.add_argument("--refill", action="store_true", help="pipeline: merge shrunken stage batches")
@@ -119,32 +124,44 @@ def _load_data(args, bundle) -> tuple:
                        "fingerprint": ds.fingerprint()}, notes
 
 
-def _stage_confidences(pipeline, x, labels):
-    """Every stage's confidence (K x N) and correctness on the bench data, through the pipeline's backend."""
+def _stage_confidences(pipeline, x):
+    """Every stage's confidence (K x N) on the bench data, through the pipeline's backend."""
     import numpy as np
 
     from ..runtime.static import run_all_stages
 
     outs = run_all_stages(pipeline.bundle, x, batch_size=pipeline.max_batch, backend=pipeline.backend)
-    conf = np.stack([o["confidence"] for o in outs]).astype(np.float32)
-    correct = None if labels is None else np.stack([np.asarray(o["prediction"]) == labels for o in outs])
-    return conf, correct
+    return np.stack([o["confidence"] for o in outs]).astype(np.float32)
 
 
-def _solve(conf, correct, flops, budget: float) -> tuple:
-    """(thresholds, planned exit distribution, method) for ``budget`` on the bench data."""
+def _solve(conf, flops, budget: float) -> tuple:
+    """(thresholds, planned exit distribution, how) whose cost on the bench data is the highest within ``budget``.
+
+    Label-free on purpose: the bench data is usually the test split, and fitting thresholds to its labels
+    (``calib.thresholds.solve_budget`` maximises accuracy) would make the reported accuracy optimistic; it
+    also treats the budget as a cap, so on digits every budget above 0.39 gave the same point. Candidates
+    are the budgeted-batch points of the calibration sweep (MSDNet's p = 1/20 .. 39/20, from
+    ``dmpo_edge.calib.thresholds``), equal confidence quantiles per exit, and the two extremes.
+    """
     import numpy as np
 
     from ..calib import thresholds as cth
-    from ..runtime.bench_stats import exit_histogram, simulate_exits, thresholds_for_budget
+    from ..runtime.bench_stats import exit_histogram, expected_cost, simulate_exits, thresholds_for_budget
 
     K = conf.shape[0]
-    if correct is not None and conf.shape[1] >= cth.MIN_SAMPLES_PER_EXIT * K:
-        pt = cth.solve_budget(conf, correct, flops, float(budget))
-        return [float(t) for t in pt.thresholds], pt.exit_distribution, "calib.solve_budget (best accuracy under the budget)"
-    th, _ = thresholds_for_budget(conf, flops, float(budget))
-    hist = np.asarray(exit_histogram(simulate_exits(conf, th), K), np.float64)
-    return th, (hist / hist.sum()).tolist(), "equal confidence quantiles per exit (unlabelled data)"
+    full = float(flops[-1])
+    cands = [([-cth.NEVER_EXIT] * (K - 1), "everyone at exit 0"), ([cth.NEVER_EXIT] * (K - 1), "no early exit")]
+    for p in cth.SWEEP_P:
+        th, _ = cth.budgeted_batch_thresholds(conf, cth.geometric_exit_distribution(p, K))
+        cands.append(([float(t) for t in th], f"budgeted batch p={p:g}"))
+    cands.append((thresholds_for_budget(conf, flops, float(budget))[0], "equal confidence quantiles per exit"))
+    best = None
+    for th, how in cands:
+        hist = np.asarray(exit_histogram(simulate_exits(conf, th), K), np.float64)
+        cost = expected_cost(hist, flops) / full
+        if cost <= budget + 1e-9 and (best is None or cost > best[0] + 1e-12):
+            best = (cost, th, (hist / hist.sum()).tolist(), how)
+    return best[1], best[2], best[3]
 
 
 def run(args) -> int:
@@ -156,7 +173,8 @@ def run(args) -> int:
     bundle = Bundle.load(args.bundle)
     backend = _check_backend(args.backend, bundle)
     settings = rb.BenchSettings(batch_sizes=_batch_sizes(args, bundle), warmup_ms=args.warmup,
-                                duration_s=args.duration, iterations=args.iterations).check()
+                                duration_s=args.duration, iterations=args.iterations,
+                                stream_batches=args.stream).check()
     K = bundle.num_stages
     if args.samples is not None and args.samples < 1:
         raise DmpoEdgeError("bench", f"--samples {args.samples} must be at least 1")
@@ -180,7 +198,7 @@ def run(args) -> int:
         rec = bundle.manifest.get("thresholds") or {}
         source = f"manifest ({rec.get('method')}, target {rec.get('target')})"
         expected = rec.get("expected_exit_distribution")
-        if thresholds is None and budgets is None:
+        if thresholds is None and budgets is None and K > 1:
             raise DmpoEdgeError(
                 f"bundle {bundle.path}", "has no exit thresholds. Calibrate it first: dmpo-edge calibrate "
                 f"{args.bundle} --val digits:val --max-drop 0.01 (or a labelled folder for --val), "
@@ -204,21 +222,24 @@ def run(args) -> int:
     with pipe:
         if args.budget is not None or budgets:
             _say(args, "every stage on the bench data (confidences for the budget solver)")
-            conf, correct = _stage_confidences(pipe, x, labels)
+            conf = _stage_confidences(pipe, x)
             flops = bundle.cumulative_flops
-            if args.budget is not None:
-                thresholds, expected, method = _solve(conf, correct, flops, args.budget)
-                source = f"budget {args.budget:g} solved on the bench data with {method}"
-            if budgets:
-                from ..calib.thresholds import minimum_cost
+            from ..calib.thresholds import minimum_cost
 
-                lo = minimum_cost(flops)
+            lo = minimum_cost(flops)
+            if args.budget is not None:
+                if args.budget < lo:
+                    raise DmpoEdgeError("bench", f"--budget {args.budget:g} is below the cheapest possible cost {lo:.3f} "
+                                        f"(everyone leaving at exit 0). Use --budget {lo:.3f} or more")
+                thresholds, expected, method = _solve(conf, flops, args.budget)
+                source = f"budget {args.budget:g}: {method} on the bench data (label-free)"
+            if budgets:
                 sweep_cfgs = []
                 for bud in budgets:
                     if bud < lo:
                         notes.append(f"sweep budget {bud:g} is below the cheapest possible cost {lo:.3f} (all leave at exit 0); skipped")
                         continue
-                    th, dist, method = _solve(conf, correct, flops, bud)
+                    th, dist, method = _solve(conf, flops, bud)
                     sweep_cfgs.append({"name": f"budget {bud:g}", "thresholds": th, "budget": bud, "expected": dist,
                                        "solver": method})
                 if not sweep_cfgs:

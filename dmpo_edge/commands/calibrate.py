@@ -43,6 +43,20 @@ def write_report(path: str, report: dict) -> None:
         raise DmpoEdgeError("report", f"cannot write '{path}' ({exc}). Expected a writable path") from None
 
 
+def format_thresholds(values) -> str:
+    """Thresholds for people: the sentinels read "never" (nobody leaves there) and "always" (all who reach it leave)."""
+    from ..calib.thresholds import NEVER_EXIT
+
+    def one(t):
+        if t >= NEVER_EXIT:
+            return "never"
+        if t <= -NEVER_EXIT:
+            return "always"
+        return f"{t:.6g}"
+
+    return ", ".join(one(float(t)) for t in values)
+
+
 def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:5.1f}%"
 
@@ -85,7 +99,7 @@ def run(args) -> int:
     print_curve(report["sweep"], "budgeted-batch sweep (validation):")
     rec = report["thresholds"]
     print(f"method {rec['method']}, target {rec['target']}")
-    print("thresholds: " + ", ".join(f"{t:.6g}" for t in rec["values"]))
+    print("thresholds: " + format_thresholds(rec["values"]))
     print_point("validation", report["chosen"])
     print(f"wrote {CALIBRATION_REPORT}, {CALIBRATION_PLOT} and the manifest's thresholds")
     if args.json:

@@ -24,7 +24,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ..bundle import Bundle
     from ..calib.evaluate import evaluate
-    from .calibrate import print_curve, print_exits, print_point, write_report
+    from .calibrate import format_thresholds, print_curve, print_exits, print_point, write_report
 
     bundle = Bundle.load(args.bundle)
     report = evaluate(bundle, args.data, batch_size=args.batch_size, backend=args.backend, progress=not args.quiet)
@@ -38,7 +38,7 @@ def run(args) -> int:
         print("operating point: the bundle has no thresholds yet (run 'dmpo-edge calibrate')")
     else:
         print(f"operating point ({op.get('method') or op['thresholds_from']}, target {op.get('target')}), thresholds "
-              + ", ".join(f"{t:.6g}" for t in op["thresholds"]))
+              + format_thresholds(op["thresholds"]))
         print_point("  on this data", op)
         if op.get("validation_accuracy") is not None:
             print(f"  on the calibration split: accuracy {100 * op['validation_accuracy']:.1f}%, "

@@ -148,14 +148,40 @@ def load_checkpoint(path, allow_pickle: bool = False):
     for key in ("config", "state_dict", "classes", "preprocess"):
         if key not in obj:
             raise DmpoEdgeError("checkpoint", f"'{path}' lacks '{key}'. Expected a complete dmpo-edge checkpoint")
+    from ..preprocess import Preprocess
+    from .config import normalize_config
     from .weights import load_checked
 
-    model = build_model(obj["config"], load_weights=False)
-    load_checked(model, obj["state_dict"], where=f"checkpoint {os.path.basename(path)}")
+    sd, where = obj["state_dict"], f"checkpoint {os.path.basename(path)}"
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise DmpoEdgeError("checkpoint", f"'{path}' has a state_dict that is not a map of names to tensors")
+    cfg = normalize_config(obj["config"])
+    classes = obj["classes"]
+    if not isinstance(classes, list) or len(classes) != cfg["num_classes"] or not all(isinstance(c, str) for c in classes):
+        raise DmpoEdgeError("checkpoint", f"'{path}' lists classes that are not {cfg['num_classes']} class names")
+    if not isinstance(obj["preprocess"], dict):
+        raise DmpoEdgeError("checkpoint", f"'{path}' has a preprocess record that is not a dict")
+    Preprocess.from_dict(obj["preprocess"])
+    extras = {k: obj.get(k) or {} for k in ("loss_schedule", "metrics")}
+    if not all(isinstance(v, dict) for v in extras.values()):
+        raise DmpoEdgeError("checkpoint", f"'{path}' has loss_schedule / metrics that are not dicts")
+    try:
+        # The config comes from the file: check it against the tensors the file holds on the meta device (no
+        # memory) before building, so a 2 KB file describing a 50 GB model is refused instead of exhausting the machine.
+        with torch.device("meta"):
+            probe = build_model(cfg, load_weights=False)
+        load_checked(probe, sd, where=where)
+        del probe
+        model = build_model(cfg, load_weights=False)
+        load_checked(model, sd, where=where)
+    except DmpoEdgeError:
+        raise
+    except Exception as exc:  # e.g. a head size the modules cannot take: still a bad file, not a crash
+        raise DmpoEdgeError("checkpoint", f"'{path}': cannot build the model its config describes ({type(exc).__name__}: {exc})") from None
     model.eval()
     meta = {
-        "format": FORMAT, "version": version, "config": model.config, "classes": list(obj["classes"]),
-        "preprocess": dict(obj["preprocess"]), "loss_schedule": dict(obj.get("loss_schedule") or {}),
-        "metrics": dict(obj.get("metrics") or {}),
+        "format": FORMAT, "version": version, "config": model.config, "classes": list(classes),
+        "preprocess": dict(obj["preprocess"]), "loss_schedule": dict(extras["loss_schedule"]),
+        "metrics": dict(extras["metrics"]),
     }
     return model, meta

@@ -7,6 +7,7 @@ Exits are block indices (0-based, "exit after block i"); the last block always c
 from __future__ import annotations
 
 import copy
+import math
 
 from ..errors import DmpoEdgeError
 
@@ -51,6 +52,11 @@ TINY_VIT_CONFIG = {
 }
 
 
+#: upper bounds of the integer keys (others: 65536), far beyond any model this tool targets
+_MAX = {"image_size": 4096, "patch_size": 4096, "ns_iters": 100, "embed_dim": 16384, "depth": 256, "num_heads": 1024,
+        "num_classes": 1 << 20}
+
+
 def _vit_shape(cfg: dict) -> None:
     from .vit import VIT_PRESETS
 
@@ -63,7 +69,12 @@ def _vit_shape(cfg: dict) -> None:
     for key in ("embed_dim", "depth", "num_heads"):
         if cfg[key] is None:
             raise DmpoEdgeError("config", f"backbone 'vit' needs '{key}'. Expected an int, or use vit_tiny/vit_small/vit_base")
-        cfg[key] = int(cfg[key])
+        try:
+            cfg[key] = int(cfg[key])
+        except (TypeError, ValueError, OverflowError):
+            raise DmpoEdgeError("config", f"'{key}' must be an integer, got {cfg[key]!r}") from None
+        if not 1 <= cfg[key] <= _MAX[key]:
+            raise DmpoEdgeError("config", f"'{key}' = {cfg[key]} is out of range 1..{_MAX[key]}")
     if cfg["image_size"] % cfg["patch_size"]:
         raise DmpoEdgeError(
             "config", f"image size {cfg['image_size']} is not a multiple of patch size {cfg['patch_size']}. Expected a multiple"
@@ -98,10 +109,12 @@ def normalize_config(config: dict) -> dict:
     for key in ("num_classes", "image_size", "patch_size", "adapter_dim", "lora_rank", "bypass_dim", "cov_dim", "ns_iters"):
         try:
             cfg[key] = int(cfg[key])
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise DmpoEdgeError("config", f"'{key}' must be an integer, got {cfg[key]!r}") from None
         if cfg[key] < (1 if key in ("num_classes", "image_size", "patch_size", "bypass_dim", "cov_dim") else 0):
             raise DmpoEdgeError("config", f"'{key}' = {cfg[key]} is out of range")
+        if cfg[key] > _MAX.get(key, 1 << 16):  # configs arrive inside model files: bound what they can make us build
+            raise DmpoEdgeError("config", f"'{key}' = {cfg[key]} is out of range (at most {_MAX.get(key, 1 << 16)})")
     if cfg["num_classes"] < 2:
         raise DmpoEdgeError("config", f"num_classes = {cfg['num_classes']}; a classifier needs at least 2 classes")
     if cfg["early_head"] not in ("cov", "linear"):
@@ -117,7 +130,7 @@ def normalize_config(config: dict) -> dict:
     exits = default_exits(cfg) if cfg["exits"] is None else cfg["exits"]
     try:
         exits = sorted({int(e) for e in exits})
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise DmpoEdgeError("config", f"exits {cfg['exits']!r} must be block indices (integers)") from None
     bad = [e for e in exits if e < 0 or e >= depth]
     if bad:
@@ -130,7 +143,12 @@ def normalize_config(config: dict) -> dict:
         exits.append(depth - 1)  # the final exit sits on the last block
     cfg["exits"] = exits
     for key in ("adapter_scale", "lora_alpha", "mlp_ratio", "head_dropout"):
-        cfg[key] = float(cfg[key])
+        try:
+            cfg[key] = float(cfg[key])
+        except (TypeError, ValueError, OverflowError):
+            raise DmpoEdgeError("config", f"'{key}' must be a number, got {cfg[key]!r}") from None
+        if not math.isfinite(cfg[key]) or not 0 <= cfg[key] <= (1.0 if key == "head_dropout" else 1e4):
+            raise DmpoEdgeError("config", f"'{key}' = {cfg[key]} is out of range")
     for key in ("bypass", "bypass_detach", "freeze_backbone"):
         cfg[key] = bool(cfg[key])
     if not isinstance(cfg["pretrained"], (bool, str)):

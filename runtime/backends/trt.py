@@ -174,6 +174,12 @@ class TrtBackend(Backend):
             d, meta = self.engines_dir, _read_engines_json(self.engines_dir) or {}
         else:
             d, meta = find_engines(self.bundle, self.key)
+        stale = meta.get("bundle_stage_sha256")
+        if stale is not None and list(stale) != [st["sha256"] for st in self.bundle.stages]:
+            raise DmpoEdgeError(f"engines {d}", "were built from other stage graphs than this bundle's (the bundle was "
+                                f"recompiled). Rebuild them: 'dmpo-edge build {self.bundle.path} --force'")
+        if isinstance(meta.get("max_batch"), int) and 1 <= meta["max_batch"] < self.max_batch:
+            self.max_batch = meta["max_batch"]  # engines built for a smaller max batch than the manifest's
         files = self._engine_files(d, meta)
         self._logger = trt.Logger(trt.Logger.WARNING)
         with self.dev.bind_thread():

@@ -1,0 +1,100 @@
+"""``dmpo-edge compile MODEL.pt -o BUNDLE [--fp16 | --int8 --calib DATA]``: model.pt -> a bundle.
+
+Splits the model into per-stage ONNX graphs with a dynamic batch, simplifies them, checks parity with torch,
+converts them to FP16 or INT8 (explicit Q/DQ calibrated on the target data), checks that TensorRT can take
+every op, and writes the bundle atomically. Where TensorRT and a GPU are present it also builds the engines;
+elsewhere it says in one line that they are built on the target with ``dmpo-edge build``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", metavar="MODEL.pt", help="checkpoint written by 'dmpo-edge tune' (or save_checkpoint)")
+    p.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="bundle folder to write")
+    prec = p.add_mutually_exclusive_group()
+    prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
+                      help="mixed FP16 (covariance / square-root heads and exit scores stay FP32)")
+    prec.add_argument("--int8", dest="precision", action="store_const", const="int8",
+                      help="INT8 with explicit Q/DQ calibrated on --calib")
+    prec.add_argument("--precision", dest="precision", choices=("fp32", "fp16", "int8"), help="default fp32")
+    p.add_argument("--calib", metavar="DATA", help="calibration images: a folder (flat or class sub-folders) or digits:train")
+    p.add_argument("--calib-count", type=int, default=256, metavar="N", help="calibration images to use (default 256)")
+    p.add_argument("--calib-method", default="entropy", choices=("entropy", "max", "percentile"),
+                   help="INT8 activation range method (default entropy)")
+    p.add_argument("--holdout", metavar="DATA", help="labelled held-out data for parity and the accuracy report "
+                   "(default: digits:test for digits calibration, else unused calibration images)")
+    p.add_argument("--exit-policy", default="max_softmax", choices=("max_softmax", "entropy", "margin"),
+                   help="exit score computed in the graphs (default max_softmax)")
+    p.add_argument("--max-batch", type=int, default=64, metavar="N", help="largest batch a stage takes (default 64)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset to export (default 18; >= 17)")
+    p.add_argument("--exporter", default="auto", choices=("auto", "dynamo", "torchscript"),
+                   help="torch.onnx exporter (default auto: dynamo, then torchscript)")
+    p.add_argument("--cpu-format", default="auto", choices=("auto", "QDQ", "QOperator"),
+                   help="INT8 ONNX Runtime CPU form (default auto: the faster one, measured)")
+    p.add_argument("--fp16-tool", default="auto", choices=("auto", "modelopt-autocast", "onnxconverter-common"))
+    p.add_argument("--int8-tool", default="auto", choices=("auto", "modelopt", "onnxruntime"))
+    p.add_argument("--build", default="auto", choices=("auto", "never", "always"),
+                   help="build TensorRT engines now (auto: when TensorRT and a GPU are present)")
+    p.add_argument("--frontend", default="onnx", choices=("onnx", "torch-tensorrt"), help="engine builder frontend")
+    p.add_argument("--buckets", metavar="B1,B2", help="extra TensorRT batch profiles, e.g. 1,8,32")
+    p.add_argument("--workspace-mib", type=int, default=1024, help="TensorRT builder workspace cap in MiB (default 1024)")
+    p.add_argument("--allow-pickle", action="store_true", help="load a pickled nn.Module checkpoint (runs code from it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _print_summary(bundle, seconds: float) -> None:
+    import json
+    import os
+
+    m = bundle.manifest
+    prec = m["precision"]
+    print(f"bundle {bundle.path}: {bundle.num_stages} stages, {prec['mode']}, exit policy {m['exit_policy']}, "
+          f"max batch {m['max_batch']}, compiled in {seconds:.1f} s")
+    with open(os.path.join(bundle.path, "reports", "parity.json")) as f:
+        par = json.load(f)
+    errs = " / ".join(f"{e['max_relative_error']:.1e}" for e in par["stages"])
+    print(f"parity (fp32 graphs vs torch, {par['samples']} images of {par.get('inputs')}): max relative error per stage {errs}"
+          f" (tolerance {par['tolerance']:.0e})")
+    rep = os.path.join(bundle.path, "reports", "precision.json")
+    if os.path.isfile(rep):
+        with open(rep) as f:
+            r = json.load(f)
+        data = (r.get("data") or {}).get("source")
+        if r["fp32"] and r["fp32"][0].get("accuracy") is not None:
+            print(f"accuracy per exit on {data} (%): fp32 " + " / ".join(f"{100 * e['accuracy']:.2f}" for e in r["fp32"]))
+        for name, per_exit in r["variants"].items():
+            if per_exit and per_exit[0].get("accuracy") is not None:
+                print(f"{'':>{len('accuracy per exit on ' + str(data) + ' (%): ')}}{name} "
+                      + " / ".join(f"{100 * e['accuracy']:.2f}" for e in per_exit)
+                      + "   agreement " + " / ".join(f"{100 * e['top1_agreement']:.1f}" for e in per_exit))
+            else:
+                print(f"top-1 agreement with fp32 per exit ({name}, %): "
+                      + " / ".join(f"{100 * e['top1_agreement']:.1f}" for e in per_exit))
+    cpu = prec.get("cpu_variant")
+    if cpu and cpu.get("format"):
+        t = cpu["timings"]
+        parts = [f"{k} {v['total_ms']:.2f} ms" for k, v in t.items() if isinstance(v, dict)]
+        print(f"cpu variant: {cpu['format']} chosen (all stages, batch {cpu['timing_batch']}: {', '.join(parts)})")
+
+
+def run(args) -> int:
+    import time
+
+    from ..compile import compile_bundle
+
+    t0 = time.perf_counter()
+    build_options = {"buckets": args.buckets or (), "workspace_mib": args.workspace_mib, "frontend": args.frontend,
+                     "checkpoint": args.model if args.frontend == "torch-tensorrt" else None}
+    bundle = compile_bundle(
+        args.model, args.output, precision=args.precision or "fp32", calib=args.calib, calib_count=args.calib_count,
+        holdout=args.holdout, max_batch=args.max_batch, exit_policy=args.exit_policy, force=args.force,
+        allow_pickle=args.allow_pickle, opset=args.opset, exporter=args.exporter, calib_method=args.calib_method,
+        fp16_tool=args.fp16_tool, int8_tool=args.int8_tool, cpu_format=args.cpu_format, build=args.build,
+        progress=not args.quiet, build_options=build_options,
+    )
+    _print_summary(bundle, time.perf_counter() - t0)
+    return 0
