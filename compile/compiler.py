@@ -42,6 +42,8 @@ PARITY_IMAGES = 64
 #: an INT8 exit head that loses more than this many points (stage alone, FP32 inputs) is kept in FP32
 HEAD_DROP_POINTS = 0.5
 CPU_TIMING_BATCH = 32
+#: a CPU-form candidate whose exit loses more than this (stage alone, FP32 inputs) is not chosen when another keeps it
+CPU_DROP_POINTS = 0.5
 
 
 def tool_versions() -> dict:
@@ -357,7 +359,9 @@ def _apply_precision(precision, K, fp32_paths, heads, scratch, calib_chain, hold
 
 
 def _int8(K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, calib_method, int8_tool, cpu_format, bar):
-    from .int8 import CPU_FORMATS, batched_feeds, quantize_cpu_form, quantize_tensorrt_form, time_session
+    from .int8 import (
+        CPU_FORMATS, batched_feeds, image_layer_nodes, quantize_cpu_form, quantize_tensorrt_form, time_sessions,
+    )
 
     out_dir = os.path.join(scratch, "int8")
     os.makedirs(out_dir)
@@ -396,43 +400,59 @@ def _int8(K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, calib_me
         paths.append(dst)
         bar.update()
 
-    # ---- the ONNX Runtime CPU form: U8 activations, S8 weights; QDQ or QOperator, whichever is faster here
-    bar.set_postfix_str("int8 cpu variant")
+    # ---- the ONNX Runtime CPU form: U8 activations, S8 weights. Per stage QDQ or QOperator: the fastest one that
+    # keeps the stage's exit within CPU_DROP_POINTS (stage alone, FP32 inputs), measured here.
     formats = list(CPU_FORMATS) if cpu_format == "auto" else [cpu_format]
     if any(f not in CPU_FORMATS for f in formats):
         raise DmpoEdgeError("int8", f"unknown --cpu-format '{cpu_format}'. Expected auto, QDQ or QOperator")
-    candidates, timings = {}, {}
-    fp32_ms = []
-    for fmt in formats:
-        cdir = os.path.join(scratch, f"cpu_{fmt}")
-        os.makedirs(cdir)
-        files, ms = [], []
-        for k in range(K):
-            feeds = batched_feeds(_stage_inputs(calib_chain, k, data.calib_x), 32)
-            dst = os.path.join(cdir, f"stage_{k}.cpu.onnx")
-            try:
-                quantize_cpu_form(fp32_paths[k], dst, feeds, excludes[k], fmt, calib_method)
-                ms.append(time_session(dst, batched_feeds(_stage_inputs(calib_chain, k, data.calib_x), CPU_TIMING_BATCH)[0]))
-            except Exception as exc:  # a format ORT cannot produce for this graph is skipped, the other may work
-                ms = None
-                timings[fmt] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                break
-            files.append(dst)
-        if ms is not None:
-            candidates[fmt] = files
-            timings[fmt] = {"per_stage_ms": [round(v, 3) for v in ms], "total_ms": round(sum(ms), 3)}
+    cpu_files, cpu_stages = [], []
     for k in range(K):
-        fp32_ms.append(time_session(fp32_paths[k], batched_feeds(_stage_inputs(calib_chain, k, data.calib_x), CPU_TIMING_BATCH)[0]))
-    timings["fp32"] = {"per_stage_ms": [round(v, 3) for v in fp32_ms], "total_ms": round(sum(fp32_ms), 3)}
+        bar.set_postfix_str(f"int8 cpu form stage {k}")
+        feeds = batched_feeds(_stage_inputs(calib_chain, k, data.calib_x), 32)
+        timing_feeds = batched_feeds(_stage_inputs(calib_chain, k, data.calib_x), CPU_TIMING_BATCH)[0]
+        keep_fp32 = list(excludes[k]) + (image_layer_nodes(load_model(fp32_paths[k])) if k == 0 else [])
+        made, rec = {}, {"stage": k, "fp32_nodes": len(keep_fp32), "candidates": {}}
+        for fmt in formats:
+            dst = os.path.join(scratch, "int8", f"stage_{k}.{fmt}.cpu.onnx")
+            try:
+                quantize_cpu_form(fp32_paths[k], dst, feeds, keep_fp32, fmt, calib_method)
+                made[fmt] = dst
+            except Exception as exc:  # a form ORT cannot produce for this graph is skipped; the other may work
+                rec["candidates"][fmt] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+        ms = time_sessions({**made, "fp32": fp32_paths[k], "tensorrt_form": paths[k]}, timing_feeds)
+        rec["fp32_ms"] = round(ms["fp32"], 3)
+        rec["tensorrt_form_ms"] = round(ms["tensorrt_form"], 3)
+        if hold_chain is not None:
+            inputs = _stage_inputs(hold_chain, k, data.holdout_x)
+            ref, y = hold_chain[k]["prediction"], data.holdout_y
+            acc_f = None if y is None else float((np.asarray(ref).astype(np.int64) == y).mean())
+        for fmt, dst in made.items():
+            c = {"ms": round(ms[fmt], 3)}
+            if hold_chain is not None:
+                acc, agree = _stage_accuracy(dst, inputs, y, ref)
+                c.update({"accuracy": acc, "agreement": agree,
+                          "drop_points": 100.0 * ((acc_f - acc) if y is not None else (1.0 - agree))})
+            rec["candidates"][fmt] = c
+        ok = {f: c for f, c in rec["candidates"].items() if "ms" in c and c.get("drop_points", 0.0) <= CPU_DROP_POINTS}
+        if ok:
+            chosen = min(ok, key=lambda f: ok[f]["ms"])
+        elif made:
+            chosen = min(made, key=lambda f: rec["candidates"][f].get("drop_points", 0.0))
+        else:
+            chosen = None
+        rec["format"] = chosen or "tensorrt_form"
+        cpu_files.append(made[chosen] if chosen else paths[k])
+        cpu_stages.append(rec)
     bar.update()
-    cpu_files = None
-    chosen = None
-    if candidates:
-        chosen = min(candidates, key=lambda f: timings[f]["total_ms"])
-        cpu_files = candidates[chosen]
-    else:
-        warnings.warn("int8 | no ONNX Runtime CPU form could be made; the CPU runs the TensorRT (symmetric Q/DQ) form",
-                      stacklevel=2)
+    formats_used = sorted({r["format"] for r in cpu_stages})
+    totals = {"fp32": sum(r["fp32_ms"] for r in cpu_stages),
+              "cpu_variant": sum(r["candidates"].get(r["format"], {}).get("ms", r["tensorrt_form_ms"]) for r in cpu_stages),
+              "tensorrt_form": sum(r["tensorrt_form_ms"] for r in cpu_stages)}
+    cpu_record = {"format": formats_used[0] if len(formats_used) == 1 else formats_used,
+                  "activations": "uint8 asymmetric (per tensor)", "weights": "int8 symmetric per channel",
+                  "fp32_layers": "stage 0's first layer (reads the image) and any exit head kept FP32 above",
+                  "tool": "onnxruntime.quantization.quantize_static", "timing_batch": CPU_TIMING_BATCH,
+                  "timings_ms": {k: round(v, 3) for k, v in totals.items()}, "per_stage": cpu_stages}
     tools = sorted({r["tool"] for r in per_stage})
     return paths, cpu_files, {
         "mode": "int8",
@@ -441,9 +461,7 @@ def _int8(K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, calib_me
         "tool": tools[0] if len(tools) == 1 else tools,
         "calibration": dict(data.calib_info, method=calib_method), "holdout": data.holdout_info,
         "per_stage": per_stage,
-        "cpu_variant": {"format": chosen, "activations": "uint8 asymmetric (per tensor)", "weights": "int8 symmetric per channel",
-                        "tool": "onnxruntime.quantization.quantize_static", "timing_batch": CPU_TIMING_BATCH,
-                        "timings": timings},
+        "cpu_variant": cpu_record,
     }
 
 

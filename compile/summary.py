@@ -57,11 +57,9 @@ def bundle_summary(path: str, verify: bool = True) -> str:
                     f"sha256 {str(calib.get('fingerprint'))[:12]})" if calib else ""))
     cpu = prec.get("cpu_variant")
     if cpu and cpu.get("format"):
-        t = cpu.get("timings", {})
-        fmt = cpu["format"]
-        lines.append(f"  cpu form   {fmt} ({cpu.get('activations')}, {cpu.get('weights')}); "
-                     f"{t.get(fmt, {}).get('total_ms')} ms vs fp32 {t.get('fp32', {}).get('total_ms')} ms "
-                     f"per {cpu.get('timing_batch')} samples, all stages")
+        t = cpu.get("timings_ms", {})
+        lines.append(f"  cpu form   {cpu['format']} ({cpu.get('activations')}, {cpu.get('weights')}); "
+                     f"{t.get('cpu_variant')} ms vs fp32 {t.get('fp32')} ms per {cpu.get('timing_batch')} samples, all stages")
     tools = prec.get("tools") or {}
     if tools:
         lines.append("  tools      " + ", ".join(f"{k} {v}" for k, v in tools.items() if v))

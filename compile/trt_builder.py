@@ -23,7 +23,7 @@ import tempfile
 import time
 
 from .._lazy import available, require
-from ..bundle import Bundle, sha256_file, write_json_atomic
+from ..bundle import Bundle, replace_directory, sha256_file, write_json_atomic
 from ..errors import DmpoEdgeError
 from .trt_settings import (
     DEFAULT_WORKSPACE_MIB, ENGINES_DIR, ENGINES_FORMAT, ENGINES_JSON, TIMING_CACHE, build_settings,
@@ -170,14 +170,7 @@ def build_engines(bundle_path: str, max_batch: int | None = None, buckets=(), wo
                     f.write(cache_blob)
                 timing_cache = TIMING_CACHE
         write_json_atomic(os.path.join(tmp, ENGINES_JSON), engines_record(settings, bundle, engines, timing_cache))
-        if os.path.isdir(final):
-            trash = tempfile.mkdtemp(prefix=f".{settings['device_key']}.old-", dir=root)
-            os.rmdir(trash)
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_directory(tmp, final)  # atomic swap where the filesystem has one: a kill leaves old or new engines
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

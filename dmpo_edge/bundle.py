@@ -9,11 +9,15 @@ bundle in place of a good one.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import glob
 import hashlib
 import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 
 from .errors import DmpoEdgeError
@@ -21,7 +25,7 @@ from .preprocess import Preprocess
 
 __all__ = [
     "SCHEMA_VERSION", "REGROUP_KEEP_IDX", "Bundle", "validate_manifest", "sha256_file", "write_json_atomic",
-    "atomic_directory", "safe_join",
+    "atomic_directory", "replace_directory", "safe_join",
 ]
 
 SCHEMA_VERSION = 1
@@ -199,12 +203,43 @@ def atomic_directory(final: str, force: bool = False, where: str = "bundle"):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_directory(tmp, final)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the OS or filesystem cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28 or another libc
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV, errno.EPERM):  # e.g. vfat, old kernels
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def replace_directory(new: str, final: str) -> None:
+    """Put the complete directory ``new`` at ``final``, replacing what is there.
+
+    Where the filesystem can swap two directories atomically, ``final`` is at every instant either the old
+    or the new directory, so a process killed at any point leaves a usable one. Elsewhere the old directory
+    is renamed aside first (``.<name>.old-*``); a kill between the two renames leaves it there, and
+    :meth:`Bundle.load` says where.
+    """
+    if os.path.isdir(final) and _exchange(new, final):
+        shutil.rmtree(new, ignore_errors=True)  # ``new`` now holds the old directory
+        return
     old = None
     if os.path.exists(final):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=parent)
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=os.path.dirname(final))
         os.rmdir(old)
         os.replace(final, old)
-    os.replace(tmp, final)
+    os.replace(new, final)
     if old:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -221,6 +256,10 @@ class Bundle:
         where = f"bundle {path}"
         mpath = os.path.join(path, "manifest.json")
         if not os.path.isdir(path):
+            aside = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(os.path.abspath(path))}.old-*")))
+            if aside:  # a replacement was interrupted between its two renames (filesystems without an atomic swap)
+                raise DmpoEdgeError(where, f"is missing, but the previous bundle is intact at '{aside[-1]}' (an interrupted "
+                                    f"replace). Rename it back to '{path}'")
             raise DmpoEdgeError(where, "is not a directory. Expected a bundle written by 'dmpo-edge compile'")
         if not os.path.isfile(mpath):
             raise DmpoEdgeError(where, "has no manifest.json. Expected a bundle written by 'dmpo-edge compile'")

@@ -200,7 +200,8 @@ def _counters(pipeline) -> np.ndarray:
 def _pop_event_timings(pipeline):
     """CUDA-event timings of the calls since the last pop, when the backend records them (TensorRT).
 
-    Protocol: ``backend.pop_event_timings() -> list of {"stage", "h2d_ms", "compute_ms", "d2h_ms"}``.
+    Protocol: ``backend.record_timings = True`` turns recording on; ``backend.pop_event_timings()`` returns
+    and clears a list of ``{"stage", "h2d_ms", "compute_ms", "d2h_ms"}``, one per ``infer`` call.
     """
     pop = getattr(getattr(pipeline, "backend", None), "pop_event_timings", None)
     return pop() if callable(pop) else None
@@ -338,6 +339,9 @@ def bench_batch(pipeline, x: np.ndarray, labels, batch: int, configs: list, sett
     holds ``batch`` samples that the pipeline cuts into batches of ``stage_batch`` kept in flight together.
     """
     K = pipeline.num_stages
+    be = getattr(pipeline, "backend", None)
+    if hasattr(be, "record_timings"):  # a GPU backend that can time H2D / compute / D2H with CUDA events
+        be.record_timings = True
     xs, ys, _ = batches_of(x, batch, labels)
     static = _Record("static", "static", K)
     recs = [_Record(c["name"], "early_exit", K, c["thresholds"], c) for c in configs]
@@ -459,7 +463,11 @@ def host_overhead(bundle, batch_sizes, thresholds=None, settings: BenchSettings 
 
     settings = settings or BenchSettings()
     b = as_bundle(bundle)
-    th = thresholds if thresholds is not None else (b.thresholds or [0.75] * (b.num_stages - 1))
+    K = b.num_stages
+    # The null backend's scores are synthetic (stage k's lie in [(k+1)/2K, (k+1)/2K + 1/2)), so the bundle's
+    # thresholds mean nothing for them; the middle of each range lets about half of the arrivals out at
+    # every early exit: every stage runs, on shrinking regrouped batches, as in a real early-exit run.
+    th = thresholds if thresholds is not None else [0.25 + 0.5 * (k + 1) / K for k in range(K - 1)]
     shape = input_shape(b)
     out = []
     with Pipeline.from_bundle(b, backend="null", thresholds=th, **(pipeline_options or {})) as pipe:
@@ -467,7 +475,7 @@ def host_overhead(bundle, batch_sizes, thresholds=None, settings: BenchSettings 
             x = np.zeros((max(bs, 1),) + tuple(shape), np.float32)
             r = bench_batch(pipe, x, None, bs, [{"name": "early_exit", "thresholds": list(th)}], settings,
                             b.cumulative_flops)
-            row = {"batch": bs}
+            row = {"batch": bs, "thresholds": [float(t) for t in th], "exits": r["early_exit"][0]["exits"]["realised"]}
             for name, s in (("early_exit", r["early_exit"][0]), ("static", r["static"])):
                 row[name] = {
                     "iterations": s["iterations"],

@@ -179,7 +179,7 @@ class Pipeline:
             thresholds = bundle.thresholds
         if thresholds is None:
             if self.num_stages > 1:
-                raise DmpoEdgeError(f"bundle {bundle.path}", "has no exit thresholds. Run 'dmpo-edge calibrate BUNDLE --data ...' "
+                raise DmpoEdgeError(f"bundle {bundle.path}", "has no exit thresholds. Run 'dmpo-edge calibrate BUNDLE --val DATA --max-drop 0.01' "
                                     "first, or pass thresholds=[...] (one per early exit)")
             thresholds = ()
         self._thresholds = _check_thresholds(thresholds, self.num_stages)

@@ -114,3 +114,36 @@ def test_random_inputs_warn_and_sweep_writes_table_and_plot(capsys, digit_bundle
     assert all(e["exits"]["expected_cost"] <= e["budget"] + 1e-9 for e in sw["early_exit"])
     assert os.path.getsize(tmp_path / "sweep.sweep.png") > 1000
     assert "sweep, batch 8" in cap.out and rep["host_overhead"][0]["batch"] == 8
+
+
+def _gpu_skip_reason():
+    from dmpo_edge._lazy import available
+
+    if not available("tensorrt"):
+        return "TensorRT is not installed"
+    if not (available("pycuda.driver") or available("cuda.bindings.runtime") or available("cuda.cudart")):
+        return "neither pycuda nor cuda-python is installed"
+    from dmpo_edge.runtime.device import cuda_device_present
+
+    return None if cuda_device_present() else "no CUDA device"
+
+
+@pytest.mark.gpu
+def test_bench_on_tensorrt(capsys, toy_bundle, tmp_path):
+    reason = _gpu_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from dmpo_edge.compile import build_engines
+    from dmpo_edge.runtime.backends import TrtBackend
+
+    tb = toy_bundle(num_stages=3, classes=4, seed=41, thresholds=[0.8, 0.8], max_batch=32)
+    build_engines(tb.path)
+    out = tmp_path / "trt.json"
+    code = main(["bench", tb.path, "--backend", "trt", "--random", "--batch", "1,32", "--json", str(out)] + QUICK[:6] + ["--stream", "2", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    rep = json.loads(out.read_text())
+    assert rep["backend"]["name"] == "trt"
+    for r in rep["results"]:
+        assert sum(r["early_exit"]["exits"]["histogram"]) == r["batch"] * r["early_exit"]["iterations"]
+        if hasattr(TrtBackend, "pop_event_timings"):
+            assert {"h2d", "compute", "d2h"} <= set(r["early_exit"]["gpu"])

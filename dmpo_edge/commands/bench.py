@@ -219,6 +219,7 @@ def run(args) -> int:
                                 backend_options=backend_options, **options)
     sweep_cfgs = None
     th_record = None
+    machine = rb.machine_info()  # before the run: the load average says how busy the machine was
     with pipe:
         if args.budget is not None or budgets:
             _say(args, "every stage on the bench data (confidences for the budget solver)")
@@ -265,14 +266,13 @@ def run(args) -> int:
                      "interleaved": True},
         "data": data,
         "thresholds": th_record,
-        "machine": rb.machine_info(),
+        "machine": {**machine, "loadavg_after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         **result,
         "warnings": notes,
     }
     if args.host_overhead:
         _say(args, "host overhead with the null backend")
-        report["host_overhead"] = rb.host_overhead(bundle, settings.batch_sizes, thresholds or None, settings,
-                                                   pipeline_options=options)
+        report["host_overhead"] = rb.host_overhead(bundle, settings.batch_sizes, None, settings, pipeline_options=options)
     print(rb.format_report(report))
     if args.json:
         write_json_atomic(args.json, report)

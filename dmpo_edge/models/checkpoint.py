@@ -170,7 +170,7 @@ def load_checkpoint(path, allow_pickle: bool = False):
         # memory) before building, so a 2 KB file describing a 50 GB model is refused instead of exhausting the machine.
         with torch.device("meta"):
             probe = build_model(cfg, load_weights=False)
-        load_checked(probe, sd, where=where)
+        load_checked(probe, sd, where=where, check_only=True)
         del probe
         model = build_model(cfg, load_weights=False)
         load_checked(model, sd, where=where)

@@ -38,10 +38,11 @@ def read_state_dict(path: str) -> dict:
     return dict(obj)
 
 
-def load_checked(module, sd: dict, where: str, allow_missing=None, allow_unexpected: bool = False) -> dict:
+def load_checked(module, sd: dict, where: str, allow_missing=None, allow_unexpected: bool = False, check_only: bool = False) -> dict:
     """``module.load_state_dict`` with one clear error for each kind of mismatch.
 
     ``allow_missing(name) -> bool`` says which model tensors may stay as initialised (new tuning parameters).
+    ``check_only`` validates names and shapes without copying (e.g. against a model built on the meta device).
     """
     own = module.state_dict()
     for name, value in sd.items():
@@ -64,5 +65,6 @@ def load_checked(module, sd: dict, where: str, allow_missing=None, allow_unexpec
             where, f"{len(hard_missing)} model tensor(s) are missing from the weights, first: '{hard_missing[0]}'. "
             "Expected weights of the same architecture"
         )
-    module.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    if not check_only:
+        module.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     return {"loaded": sorted(k for k in sd if k in own), "skipped": unexpected, "missing": missing}
