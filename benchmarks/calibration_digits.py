@@ -174,8 +174,9 @@ def main(argv=None) -> int:
                         "exits": [{"cumulative_flops": c, "accuracy": a} for c, a in zip(r["cumulative_flops"], r["exit_accuracy_test"])]})
         for key, op in r["operating_points"].items():
             if key.startswith("budget") and "test" in op:
+                dmpo = r["name"] == "DMPO"
                 ops.append({"label": f"{r['name']} {key} (test)", "point": op["test"],
-                            "color": "tab:red" if r["name"] == "DMPO" else "tab:brown"})
+                            "color": "tab:red" if dmpo else "tab:brown", "marker": "*" if dmpo else "D"})
     plot_curves(curves, os.path.join(args.docs, img_rel), operating_points=ops, anytime=anytime,
                 title="digits, fp32 bundles: thresholds fit on val, measured on test")
     # the DMPO bundle keeps the 50% operating point; its eval plot goes to the docs as well

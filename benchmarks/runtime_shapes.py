@@ -66,9 +66,11 @@ def _inputs(bundle: Bundle, n: int) -> np.ndarray:
     return np.random.default_rng(0).normal(size=(n, 3, h, w)).astype(np.float32)
 
 
-def _thresholds(bundle: Bundle, x: np.ndarray, exit_fraction: float) -> list:
+def _thresholds(bundle: Bundle, x: np.ndarray, exit_fraction: float, how: str = "bundle") -> list:
     """The bundle's thresholds, else ones that let about ``exit_fraction`` of the arrivals leave at each early exit."""
-    if bundle.thresholds is not None:
+    if how not in ("bundle", "quantile"):
+        return [float(t) for t in how.split(",")]
+    if how == "bundle" and bundle.thresholds is not None:
         return bundle.thresholds
     outs = run_all_stages(bundle, x[:512])
     alive = np.ones(min(512, x.shape[0]), bool)
@@ -114,7 +116,9 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: all cores)")
-    ap.add_argument("--exit-fraction", type=float, default=0.5, help="for bundles without thresholds")
+    ap.add_argument("--exit-fraction", type=float, default=0.5,
+                    help="with --thresholds quantile (or a bundle without thresholds): the share of arrivals leaving at each early exit")
+    ap.add_argument("--thresholds", default="bundle", help="'bundle', 'quantile' or comma-separated values")
     args = ap.parse_args(argv)
 
     tmp = None
@@ -125,7 +129,7 @@ def main(argv=None) -> int:
         _toy_bundle(path, args.toy_hidden, 4)
     bundle = Bundle.load(path)
     x = _inputs(bundle, args.samples)
-    thr = _thresholds(bundle, x, args.exit_fraction)
+    thr = _thresholds(bundle, x, args.exit_fraction, args.thresholds)
     bs = min(args.batch, bundle.max_batch)
     # No spinning anywhere: an idle session's spinning thread pool would steal the cores of whichever
     # configuration runs next in the round-robin, and bias the comparison.

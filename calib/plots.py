@@ -67,7 +67,9 @@ def plot_curves(curves, path: str, operating_points=(), anytime=(), title: str |
             p = op["point"]
             x, y = p["expected_flops"] / 1e6, 100 * p["accuracy"]
             color = op.get("color", "tab:red")
-            ax.plot([x], [y], "*", ms=16, color=color, mec="black", mew=0.6, label=op["label"], zorder=5)
+            marker = op.get("marker", "*")
+            ax.plot([x], [y], marker, ms=16 if marker == "*" else 10, color=color, mec="black", mew=0.6, label=op["label"],
+                    zorder=5)
             ax.annotate(f"{100 * p['accuracy']:.1f}% @ {100 * p['expected_cost']:.0f}% FLOPs",
                         (x, y), textcoords="offset points", xytext=(8, -14 - 12 * i), fontsize=8, color=color,
                         bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.8})

@@ -7,14 +7,12 @@ missing or fails. Which ones ran is returned so that the manifest can record it.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
 import warnings
 
 from .._lazy import available, require
 from ..errors import DmpoEdgeError
+from ._quiet import quiet_tools
 from .graph import load_model, save_model
 
 __all__ = ["export_stage", "simplify", "check_model", "DEFAULT_OPSET", "MIN_OPSET", "EXPORTERS"]
@@ -22,23 +20,6 @@ __all__ = ["export_stage", "simplify", "check_model", "DEFAULT_OPSET", "MIN_OPSE
 DEFAULT_OPSET = 18
 MIN_OPSET = 17  # LayerNormalization is opset 17; Q/DQ with per-channel scales needs >= 13
 EXPORTERS = ("auto", "dynamo", "torchscript")
-
-
-@contextlib.contextmanager
-def _quiet():
-    """The exporters print progress and warnings of their own; the compile progress bar says what runs."""
-    buf_out, buf_err = io.StringIO(), io.StringIO()
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(buf_out), contextlib.redirect_stderr(buf_err):
-            warnings.simplefilter("ignore")
-            yield buf_err
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
 
 
 def _export_dynamo(torch, module, args, path, io_, opset):
@@ -93,7 +74,7 @@ def export_stage(module, example_args: tuple, path: str, opset: int = DEFAULT_OP
     for name in order:
         fn = _export_dynamo if name == "dynamo" else _export_torchscript
         try:
-            with torch.no_grad(), _quiet():
+            with torch.no_grad(), quiet_tools():
                 fn(torch, module, example_args, path, io_, opset)
             model = load_model(path)
             _rename_batch_dims(model, io_)
@@ -125,7 +106,7 @@ def simplify(path: str, prefer: str = "onnxsim") -> str:
             tried.append(f"{tool} not installed")
             continue
         try:
-            with _quiet():
+            with quiet_tools():
                 if tool == "onnxsim":
                     import onnxsim
 

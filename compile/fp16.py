@@ -9,9 +9,6 @@ float16 converter with the same node block list is the fallback. ``features`` be
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +18,7 @@ import numpy as np
 
 from .._lazy import available, require
 from ..errors import DmpoEdgeError
+from ._quiet import quiet_tools
 from .graph import descendants, ensure_node_names, load_model, save_model, set_float16_io
 
 __all__ = ["fp32_keep_nodes", "convert_fp16", "FP16_TOOLS"]
@@ -38,19 +36,6 @@ def fp32_keep_nodes(model, head_nodes, second_order: bool) -> tuple:
         return sorted(head), "second-order exit head (covariance / Newton-Schulz) and exit score"
     # a linear head is safe in FP16; keep only what follows the logits (softmax / score / argmax)
     return sorted(descendants(model, ["logits"]) & head), "exit score"
-
-
-@contextlib.contextmanager
-def _quiet_modelopt():
-    lg = logging.getLogger("modelopt")
-    old = lg.level
-    lg.setLevel(logging.ERROR)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        try:
-            yield
-        finally:
-            lg.setLevel(old)
 
 
 def _write_reference_batches(folder: str, feeds_list: list) -> str:
@@ -71,7 +56,7 @@ def _autocast(src: str, keep: list, feeds_list: list, opset: int):
         import re
 
         extra = {} if data else {"data_max": float("inf")}  # no reference data: no range check (nothing to run)
-        with _quiet_modelopt():
+        with quiet_tools():
             return convert_to_mixed_precision(
                 src, low_precision_type="fp16", nodes_to_exclude=[f"^{re.escape(n)}$" for n in keep],
                 keep_io_types=True, calibration_data=data, providers=["cpu"], opset=max(opset, 19), **extra,

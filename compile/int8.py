@@ -16,19 +16,17 @@ fed with ``keep_idx = arange``.
 from __future__ import annotations
 
 import contextlib
-import io
-import logging
 import os
 import re
 import shutil
 import tempfile
 import time
-import warnings
 
 import numpy as np
 
 from .._lazy import available, require
 from ..errors import DmpoEdgeError
+from ._quiet import quiet_tools
 from .graph import ensure_node_names, load_model, save_model
 
 __all__ = [
@@ -80,25 +78,6 @@ def make_reader(feeds: list):
 
 
 @contextlib.contextmanager
-def _quiet():
-    """ModelOpt and ORT's quantizer log a lot (and ModelOpt an NVML error on GPU-less hosts); keep the bar clean."""
-    names = ("modelopt", "root", "onnxruntime", "")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    ort = require("onnxruntime", "INT8 calibration")
-    ort.set_default_logger_severity(3)  # the C++ side warns about every unused initializer it drops
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
-
-
-@contextlib.contextmanager
 def _ort_classes_restored():
     """ModelOpt patches ONNX Runtime's calibrator and quantizer classes in place (for good); put them back after
     each ModelOpt call so that ONNX Runtime's own quantize_static (the CPU form) works in the same process."""
@@ -134,7 +113,7 @@ def _ort_method(method: str):
 def _modelopt(src: str, dst: str, feeds: list, exclude: list, method: str) -> None:
     from modelopt.onnx.quantization import quantize
 
-    with _quiet(), _ort_classes_restored():
+    with quiet_tools(), _ort_classes_restored():
         quantize(
             src, quantize_mode="int8", calibration_data_reader=make_reader(feeds),
             calibration_method="max" if method == "max" else "entropy", calibration_eps=["cpu"],
@@ -147,7 +126,7 @@ def _modelopt(src: str, dst: str, feeds: list, exclude: list, method: str) -> No
 
 def _ort_symmetric(src: str, dst: str, feeds: list, exclude: list, method: str) -> None:
     q = require("onnxruntime.quantization", "INT8 calibration")
-    with _quiet():
+    with quiet_tools():
         q.quantize_static(
             src, dst, make_reader(feeds), quant_format=q.QuantFormat.QDQ, op_types_to_quantize=CPU_OPS,
             per_channel=True, activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
@@ -196,7 +175,7 @@ def quantize_cpu_form(src: str, dst: str, feeds: list, exclude=(), fmt: str = "Q
     tmp = tempfile.mkdtemp(prefix="dmpo-int8cpu-")
     try:
         named = save_model(model, os.path.join(tmp, "named.onnx"))
-        with _quiet():
+        with quiet_tools():
             q.quantize_static(
                 named, dst, make_reader(feeds),
                 quant_format=q.QuantFormat.QDQ if fmt == "QDQ" else q.QuantFormat.QOperator,

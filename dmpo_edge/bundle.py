@@ -166,6 +166,18 @@ def _validate_manifest(m) -> dict:
     return m
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would race with other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 def write_json_atomic(path: str, obj) -> None:
     """Write JSON next to ``path`` and rename it into place (a reader sees the old or the new file, never half)."""
     d = os.path.dirname(os.path.abspath(path))
@@ -175,6 +187,13 @@ def write_json_atomic(path: str, obj) -> None:
             json.dump(obj, f, indent=2, sort_keys=False, allow_nan=False)
             f.write("\n")
             f.flush()
+            # mkstemp makes 0600 files: keep the replaced file's mode, else the usual umask mode, so that a
+            # service user on the device can still read a bundle compiled or calibrated by another user
+            try:
+                mode = os.stat(path).st_mode & 0o7777
+            except OSError:
+                mode = 0o666 & ~_umask()
+            os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -183,12 +202,48 @@ def write_json_atomic(path: str, obj) -> None:
         raise
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def _remove_dead_temps(parent: str, base: str) -> None:
+    """Temp folders of killed runs (``.<base>.tmp-<pid>-*`` whose process is gone) would pile up on a device."""
+    for p in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(base)}.tmp-*")):
+        pid = os.path.basename(p)[len(base) + 6:].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync_tree(root: str) -> None:
+    """Flush every file and folder under ``root``: after a power cut the renamed bundle has its bytes, not zeros."""
+    for d, _dirs, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                fd = os.open(os.path.join(d, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        with contextlib.suppress(OSError):
+            fd = os.open(d, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_directory(final: str, force: bool = False, where: str = "bundle"):
     """Yield a temporary directory beside ``final``; on success it replaces ``final`` in one rename.
 
-    An existing ``final`` is refused unless ``force``; with ``force`` it is moved aside and deleted only
-    after the new directory is in place, so an interrupted run leaves the old bundle usable.
+    An existing ``final`` is refused unless ``force``; with ``force`` the new directory is swapped in only
+    once complete (see :func:`replace_directory`), so an interrupted run leaves the old bundle usable.
     """
     final = os.path.abspath(final)
     parent = os.path.dirname(final)
@@ -197,9 +252,12 @@ def atomic_directory(final: str, force: bool = False, where: str = "bundle"):
     if os.path.exists(final) and not os.path.isdir(final):
         raise DmpoEdgeError(where, f"output '{final}' exists and is not a directory")
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
+    _remove_dead_temps(parent, os.path.basename(final))
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-{os.getpid()}-", dir=parent)
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; a bundle is meant to be shared
         yield tmp
+        _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

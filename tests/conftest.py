@@ -180,3 +180,83 @@ def toy_bundle(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile: a tiny DMPO checkpoint whose exits really classify digits, and bundles compiled from it
+# ---------------------------------------------------------------------------------------------
+
+TINY_IMAGE = 32
+
+
+def _fit_exit_classifiers(model, x, y, num_classes: int, scale: float = 8.0) -> list:
+    """Fit the last Linear of every exit by ridge regression on what it sees (seconds, not minutes of training).
+
+    The trunk and the bypass / covariance parts keep their random weights; the exits still separate digits
+    well above chance, which is what the precision tests need (an accuracy that INT8 could visibly lose).
+    """
+    import torch
+
+    accs = []
+    with torch.no_grad():
+        feats = torch.from_numpy(x)
+        for k in range(model.num_stages):
+            feats = model.forward_stage(k, feats)
+            calls = []
+            hooks = [m.register_forward_hook(lambda mod, inp, out: calls.append((mod, inp[0])))
+                     for m in model.modules() if isinstance(m, torch.nn.Linear)]
+            try:
+                model.forward_exit(k, feats)
+            finally:
+                for h in hooks:
+                    h.remove()
+            fc, inp = calls[-1]
+            X = torch.cat([inp.reshape(inp.shape[0], -1).double(), torch.ones(inp.shape[0], 1, dtype=torch.float64)], 1)
+            Y = torch.nn.functional.one_hot(torch.from_numpy(y), num_classes).double()
+            W = torch.linalg.solve(X.T @ X + 1e-2 * torch.eye(X.shape[1], dtype=torch.float64), X.T @ Y) * scale
+            fc.weight.copy_(W[:-1].T.float())
+            fc.bias.copy_(W[-1].float())
+            accs.append(float((model.forward_exit(k, feats).argmax(1).numpy() == y).mean()))
+    return accs
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A dmpo-edge model.pt: the tiny DMPO ViT (3 exits, covariance heads, 32 x 32) with exits fitted on digits:train."""
+    torch = pytest.importorskip("torch")
+    from dmpo_edge.calib.datasets import load_dataset
+    from dmpo_edge.models import TINY_VIT_CONFIG, build_model, save_checkpoint
+    from dmpo_edge.models.flops import stage_flops
+    from dmpo_edge.preprocess import Preprocess
+
+    torch.manual_seed(0)
+    model = build_model(dict(TINY_VIT_CONFIG)).eval()
+    pre = Preprocess(resize=TINY_IMAGE, crop=TINY_IMAGE)
+    train = load_dataset("digits:train")
+    accs = _fit_exit_classifiers(model, pre(train.images), train.labels, 10)
+    metrics = {"exit_accuracy": accs, "train_data": "digits:train", **stage_flops(model, TINY_IMAGE)}
+    path = tmp_path_factory.mktemp("tiny_ckpt") / "tiny_model.pt"
+    save_checkpoint(str(path), model, classes=train.classes, preprocess=pre.to_dict(), loss_schedule={},
+                    metrics=metrics)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_factory(tmp_path_factory, tiny_checkpoint):
+    """Factory: ``tiny_bundle_factory(precision="fp32", **compile_bundle_options) -> Bundle`` compiled from
+    :func:`tiny_checkpoint` with calibration on digits:train and held-out digits:test (cached per arguments)."""
+    cache = {}
+
+    def make(precision="fp32", **kw):
+        from dmpo_edge.compile import compile_bundle
+
+        opts = {"calib": "digits:train", "calib_count": 64, "holdout": "digits:test", "exporter": "torchscript",
+                "progress": False, "build": "never"}
+        opts.update(kw)
+        key = repr((precision, sorted(opts.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"tiny_{precision}") / "bundle"
+            cache[key] = compile_bundle(tiny_checkpoint, str(out), precision=precision, **opts)
+        return cache[key]
+
+    return make

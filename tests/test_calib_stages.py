@@ -387,3 +387,15 @@ def test_compiled_bundle_confidence_follows_its_policy_and_calibration_records_i
     b = Bundle.load(path)
     assert b.manifest["thresholds"]["policy"] == b.manifest["exit_policy"] == "margin"
     assert b.manifest["thresholds"]["expected_cost"] <= 0.9
+
+
+def test_folder_labels_are_matched_to_the_bundle_by_class_name(bundles, tmp_path):
+    # a folder holding only classes "3" and "7": its label 0 is the bundle's class 3, its label 1 class 7
+    test = load_dataset("digits:test")
+    pick = np.flatnonzero(np.isin(test.labels, [3, 7]))[:40]
+    folder = write_image_folder(test.subset(pick), str(tmp_path / "two_classes"))
+    ds = load_dataset(folder)
+    assert ds.classes == ["3", "7"]
+    out = stage_outputs(bundles["max_softmax"], ds, progress=False)
+    assert sorted(set(out.labels.tolist())) == [3, 7]
+    assert out.exit_accuracy[-1] > 0.8  # right labels: the last exit gets most of them

@@ -1,7 +1,6 @@
 """Streaming: real video files, image folders and GStreamer pipelines through the early-exit pipeline."""
 
 import json
-import os
 import shutil
 import time
 

@@ -162,7 +162,7 @@ def load_checkpoint(path, allow_pickle: bool = False):
     if not isinstance(obj["preprocess"], dict):
         raise DmpoEdgeError("checkpoint", f"'{path}' has a preprocess record that is not a dict")
     Preprocess.from_dict(obj["preprocess"])
-    extras = {k: obj.get(k) or {} for k in ("loss_schedule", "metrics")}
+    extras = {k: {} if obj.get(k) is None else obj[k] for k in ("loss_schedule", "metrics")}
     if not all(isinstance(v, dict) for v in extras.values()):
         raise DmpoEdgeError("checkpoint", f"'{path}' has loss_schedule / metrics that are not dicts")
     try:
