@@ -102,6 +102,8 @@ def _bootstrap_imports() -> str:
 
 
 IMPORT_MODE = _bootstrap_imports()
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)  # the helper modules beside this script
 
 from dmpo_edge._lazy import available, require  # noqa: E402
 from dmpo_edge.bundle import Bundle  # noqa: E402
@@ -179,7 +181,7 @@ class Report:
 
     def table(self) -> str:
         heads = ("check", "backend", "result", "detail")
-        rows = [heads] + [(c, b, s, d if len(d) <= 110 else d[:107] + "...") for c, b, s, d in self.rows]
+        rows = [heads] + [(c, b, s, d if len(d) <= 140 else d[:137] + "...") for c, b, s, d in self.rows]
         w = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = [f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}" for r in rows]
         lines.insert(1, "-" * min(160, sum(w) + 6 + max(len(r[3]) for r in rows)))
@@ -294,6 +296,17 @@ PYCUDA_DEPS = (("pytools", "pytools"), ("platformdirs", "platformdirs"), ("mako"
                ("typing_extensions", "typing_extensions"), ("siphash24", "siphash24"))
 
 
+def pycuda_plan(kit: str) -> str:
+    """What a GPU run would do about pycuda here (said in the dry run)."""
+    sdists = sorted(glob.glob(os.path.join(kit, "pycuda-*.tar.gz")))
+    tk = find_cuda_toolkit()
+    if not sdists:
+        return f"no pycuda sdist in {kit}; a GPU run would use cuda-python"
+    if not (tk["nvcc"] and tk["cuda_h"]):
+        return f"{os.path.basename(sdists[-1])} found but no CUDA toolkit; a GPU run would use cuda-python"
+    return f"a GPU run would build {os.path.basename(sdists[-1])} against {tk['root']}"
+
+
 def install_pycuda(kit: str, target: str, timeout: float) -> dict:
     """Build pycuda from the kit's sdist against the local CUDA toolkit into ``target`` (offline)."""
     sdists = sorted(glob.glob(os.path.join(kit, "pycuda-*.tar.gz")))
@@ -396,6 +409,23 @@ def read_kit(kit: str) -> dict | None:
         return json.load(f)
 
 
+def find_source_checkpoint(bundle_path: str, kit: str) -> str | None:
+    """The checkpoint a bundle was compiled from (manifest model.source), beside the bundle or in the kit."""
+    from dmpo_edge.bundle import sha256_file
+
+    try:
+        src = Bundle.load(bundle_path, verify=False).manifest["model"].get("source") or {}
+    except DmpoEdgeError:
+        return None
+    names = [n for n in (src.get("file"), "model.pt") if n]
+    for folder in (os.path.dirname(os.path.abspath(bundle_path)), kit):
+        for n in names:
+            p = os.path.join(folder, n)
+            if os.path.isfile(p) and (not src.get("sha256") or sha256_file(p) == src["sha256"]):
+                return p
+    return None
+
+
 def resolve_bundle(ctx) -> dict:
     """Pick the fp32 bundle and its checkpoint: --bundle/--model, the kit, or a tiny ViT built here."""
     a = ctx.args
@@ -403,8 +433,8 @@ def resolve_bundle(ctx) -> dict:
     kit = read_kit(a.kit) if not a.no_kit else None
     how = None
     if a.bundle:
-        ctx.bundle_path, ctx.checkpoint = os.path.abspath(a.bundle), a.model
-        how = "given (--bundle)"
+        ctx.bundle_path, ctx.checkpoint = os.path.abspath(a.bundle), a.model or find_source_checkpoint(a.bundle, a.kit)
+        how = "given (--bundle)" + (f", checkpoint {ctx.checkpoint}" if ctx.checkpoint else ", no matching checkpoint found")
     elif a.model:
         ctx.checkpoint = a.model
         if _needs_efficientnet(a.model):
@@ -627,8 +657,13 @@ class Ctx:
         self.kit_bundles = {}
         self.extra = {}
         self.x = self.labels = None
-        self.cpu_static = self.thresholds = self.cpu_pipe = None
+        self.cpu_static = self.thresholds = self.cpu_pipe = self.reference = self.torch_static = None
+        self.batch, self.band = args.batch, args.band
         self.torch_device = "cuda" if cuda.get("torch_cuda") and not args.dry_run else "cpu"
+
+    def cpu_pipe_dict(self) -> dict:
+        p = self.cpu_pipe
+        return {"exit_stage": p.exit_stage, "prediction": p.prediction, "confidence": p.confidence}
 
 
 def step_cpu_reference(ctx) -> dict:
@@ -789,7 +824,7 @@ def step_torch_pipeline(ctx, variant: str) -> dict:
     kw.update(opts)
     run = run_pipeline(ctx.bundle, _torch_backend(ctx), ctx.thresholds, ctx.x, ctx.batch, repeats=a.repeats,
                        static=variant == "default", **kw)
-    got_conf = [s["confidence"] for s in ctx.torch_static] if getattr(ctx, "torch_static", None) else None
+    got_conf = [s["confidence"] for s in ctx.torch_static] if ctx.torch_static else None
     c = compare_exits(ctx.cpu_pipe_dict(), run["results"], ctx.thresholds, [s["confidence"] for s in ctx.cpu_static],
                       got_conf, ctx.band, ref_logits=[s["logits"] for s in ctx.cpu_static])
     c.update(_timing(ctx, run))
@@ -834,27 +869,25 @@ def precision_bundle(ctx, precision: str) -> str | None:
 
 
 def _engine_stage_timing(be, bundle, x, batch: int, reps: int) -> list:
-    """Median ms of each stage engine at ``batch`` (every sample survives: keep_idx = arange)."""
+    """Median ms of each stage engine at ``batch``, input upload and the three small downloads included
+    (every sample survives: keep_idx = arange; features stay on the device between stages)."""
     xb = x[:batch]
     keep = np.arange(xb.shape[0], dtype=np.int32)
     out_ms = []
     feats = None
     for k in range(bundle.num_stages):
         feeds = {"input": xb} if k == 0 else {"features": feats, "keep_idx": keep}
-        times = []
-        res = None
-        for _ in range(reps + 2):
+        times, last = [], None
+        for _ in range(reps + 2):  # two warm-up runs
             t = time.perf_counter()
             res = be.infer(k, feeds, keep_features=True)
             times.append(time.perf_counter() - t)
-            if k < bundle.num_stages - 1:
-                nxt = res["features"]
-                be.release(nxt)  # keep the last one only (re-acquired below)
-        if k < bundle.num_stages - 1:
-            res = be.infer(k, feeds, keep_features=True)
-            if feats is not None:
-                be.release(feats)
-            feats = res["features"]
+            if last is not None:
+                be.release(last)
+            last = res.get("features")
+        if feats is not None:
+            be.release(feats)
+        feats = last
         out_ms.append(1e3 * float(np.median(times[2:])))
     if feats is not None:
         be.release(feats)
@@ -1057,7 +1090,7 @@ def main(argv=None) -> int:
         if available("pycuda.driver"):
             report.add("pycuda", "pycuda", "-", INFO, f"pycuda {_version('pycuda')} imports")
         else:
-            skip = ("dry run (no CUDA toolkit build here)" if args.dry_run else
+            skip = (f"dry run: {pycuda_plan(args.kit)}" if args.dry_run else
                     "--install-pycuda never" if args.install_pycuda == "never" else None)
             report.run("pycuda", "pycuda from the kit sdist", "-", lambda: install_pycuda(args.kit, site, args.pycuda_timeout),
                        skip=skip)
@@ -1066,15 +1099,12 @@ def main(argv=None) -> int:
         if not res or not res.get("ok"):
             raise _Abort("no bundle to check")
         ctx.batch = min(args.batch, ctx.bundle.max_batch)
-        ctx.band = args.band
         res = report.run("cpu_reference", "CPU reference (all stages)", "ort/cpu", lambda: step_cpu_reference(ctx))
         if res is None or res.get("ok") is False:
             raise _Abort("no CPU reference")
         res = report.run("cpu_pipeline", "early-exit pipeline", "ort/cpu", lambda: step_cpu_pipeline(ctx))
         if res is None or ctx.cpu_pipe is None:
             raise _Abort("no CPU pipeline results")
-        ctx.cpu_pipe_dict = lambda: {"exit_stage": ctx.cpu_pipe.exit_stage, "prediction": ctx.cpu_pipe.prediction,
-                                     "confidence": ctx.cpu_pipe.confidence}
         # ---- device layer --------------------------------------------------------------------------------
         impls = device_impls(ctx)
         if not impls:
@@ -1129,8 +1159,8 @@ def main(argv=None) -> int:
     table = report.table()
     with open(os.path.join(out, "gpu_check.txt"), "w") as f:
         f.write(table + "\n")
+    print(f"results: {os.path.join(out, 'gpu_check.json')}\n")
     print(table)
-    print(f"\nresults: {os.path.join(out, 'gpu_check.json')}")
     return 0 if summary["ok"] else 1
 
 
