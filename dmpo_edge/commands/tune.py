@@ -22,12 +22,15 @@ def add_arguments(p) -> None:
     d.add_argument("--val", default=None, help="validation data (default: digits:val for digits, else a seeded split of --data)")
     d.add_argument("--val-fraction", type=float, default=0.2, help="validation share of a folder (default 0.2)")
     m = p.add_argument_group("model")
-    m.add_argument("--backbone", default="efficientnet_lite0", help="efficientnet_lite0 | vit_tiny | vit_small | vit_base (default efficientnet_lite0)")
+    m.add_argument("--backbone", default="efficientnet_lite0", help="efficientnet_lite0 | vit_tiny | vit_small | vit_base | vit (custom: --embed-dim, --depth, --num-heads) (default efficientnet_lite0)")
     m.add_argument("--weights", default=None, help="pre-trained backbone weights (timm-format .pth/.safetensors for ViT; EfficientNet-Lite0 uses the bundled ImageNet weights)")
     m.add_argument("--no-pretrained", action="store_true", help="start the backbone from random weights")
     m.add_argument("--image-size", type=int, default=None, help="network input size (default 64 for EfficientNet, 224 for ViT)")
     m.add_argument("--resize", type=int, default=None, help="resize the shorter side to this before the centre crop (default: image size)")
     m.add_argument("--patch-size", type=int, default=16, help="ViT patch size (default 16)")
+    m.add_argument("--embed-dim", type=int, default=None, help="ViT width (backbone 'vit'; presets set it)")
+    m.add_argument("--depth", type=int, default=None, help="ViT blocks (backbone 'vit'; presets set it)")
+    m.add_argument("--num-heads", type=int, default=None, help="ViT attention heads (backbone 'vit'; presets set it)")
     m.add_argument("--exits", type=_ints, default=None, help="comma-separated block indices of the exits (default 4,7,10,15 for EfficientNet-Lite0); the last block always has one")
     m.add_argument("--adapter-dim", type=int, default=16, help="parallel adapter bottleneck width, 0 = none (default 16)")
     m.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on qkv/proj (ViT) or 1x1 convs (CNN), 0 = none (default 0)")
@@ -113,7 +116,8 @@ def run(args) -> int:
     image_size = args.image_size or (224 if vit else 64)
     config = {
         "backbone": args.backbone, "num_classes": len(train.classes), "image_size": image_size, "exits": args.exits,
-        "patch_size": args.patch_size, "pretrained": False if args.no_pretrained else (args.weights or True),
+        "patch_size": args.patch_size, "embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.num_heads,
+        "pretrained": False if args.no_pretrained else (args.weights or True),
         "adapter_dim": args.adapter_dim, "lora_rank": args.lora_rank, "cov_dim": args.cov_dim, "ns_iters": args.ns_iters,
         "bypass": not args.no_bypass, "bypass_dim": args.bypass_dim, "bypass_detach": args.bypass_detach,
         "early_head": "linear" if args.linear_early_heads else "cov",

@@ -79,3 +79,5 @@ class EfficientNetLiteBackbone(nn.Module):
                 if tuple(conv.kernel_size) != (1, 1) or tuple(conv.stride) != (1, 1) or conv.groups != 1:
                     raise DmpoEdgeError("lora", f"{attr} is not a 1x1 stride-1 convolution; LoRA expects one")
                 setattr(blk, attr, LoRAConv1x1.wrap(conv, rank, alpha))
+        # the 320 -> 1280 head conv feeds the final exit: the deepest 1x1 conv, and the one most worth adapting
+        self._conv_head = LoRAConv1x1.wrap(self._conv_head, rank, alpha)

@@ -1,0 +1,140 @@
+"""``dmpo-edge demo``: the whole job on the bundled digits, one command, composed of the other commands.
+
+tune (or reuse a cached ``model.pt``) -> ``compile --int8`` calibrated on a training subset -> ``calibrate``
+on the validation split -> the early-exit pipeline on the held-out split -> ``eval`` -> ``bench`` against the
+static model. Every figure in the closing summary is read from the JSON that ``eval`` and ``bench`` write for
+the same bundle, so it matches what those commands print when run by hand (the commands are shown).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+__all__ = ["add_arguments", "run", "summary_table"]
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--workdir", default="dmpo-demo", help="where model.pt, the bundle and the reports go (default ./dmpo-demo)")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="backbone to tune (default efficientnet_lite0, ImageNet-pretrained)")
+    p.add_argument("--epochs", type=int, default=None, help="tuning epochs (default: the tune command's)")
+    p.add_argument("--precision", default="int8", choices=("fp32", "fp16", "int8"), help="bundle precision (default int8)")
+    p.add_argument("--calib-count", type=int, default=256, help="training images used for INT8 calibration (default 256)")
+    p.add_argument("--max-drop", type=float, default=0.01, help="accuracy drop allowed by the exit thresholds (default 0.01)")
+    p.add_argument("--batch", type=int, default=32, help="batch size of the benchmark (default 32)")
+    p.add_argument("--duration", type=float, default=3.0, help="seconds per benchmark configuration (default 3, trtexec's)")
+    p.add_argument("--retune", action="store_true", help="tune again even when workdir/model.pt exists")
+    p.add_argument("--backend", default="auto", help="runtime backend for run and bench: auto | ort | trt (default auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _step(title: str, argv: list) -> None:
+    """Run one dmpo-edge command in-process, printing it so the user can repeat it by hand."""
+    from ..cli import main
+    from ..errors import DmpoEdgeError
+
+    print(f"\n== {title}\n$ dmpo-edge {' '.join(argv)}", flush=True)
+    t = time.perf_counter()
+    code = main(argv)
+    if code != 0:
+        raise DmpoEdgeError("demo", f"step '{title}' failed (exit code {code}); the line above says why")
+    print(f"   ({time.perf_counter() - t:.1f} s)", flush=True)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def summary_table(ev: dict, bench: dict, realised: dict) -> str:
+    """The closing table: per-exit accuracy, exit distribution, accuracy vs the final exit, FLOPs, speed-ups."""
+    exits = ev["exits"]
+    op = ev["operating_point"] or {}
+    dist = op.get("exit_distribution") or [None] * len(exits)
+    cum = ev["cumulative_flops"]
+    full = cum[-1]
+    lines = [
+        "exit  accuracy (alone)  exits here  cumulative MFLOPs  % of full",
+    ]
+    for k, e in enumerate(exits):
+        lines.append(f"{k:>4}  {_pct(e['accuracy']):>16}  {_pct(dist[k]):>10}  {cum[k] / 1e6:17.2f}  {100 * cum[k] / full:8.1f}%")
+    res = (bench.get("results") or [{}])[0]
+    ee = res.get("early_exit") or {}
+    sp = ee.get("speedup") or {}
+    final = ev["final_accuracy"]
+    lines += [
+        "",
+        f"early-exit accuracy (eval, test split)  {_pct(op.get('accuracy'))}   final exit alone {_pct(final)}   "
+        f"difference {100 * ((op.get('accuracy') or 0) - final):+.1f} points",
+        f"pipeline run on the test split         {_pct(realised['accuracy'])}   exits {realised['histogram']}",
+        f"expected cost                          {_pct(op.get('cost'))} of the full model's FLOPs "
+        f"({(op.get('cost') or 0) * full / 1e6:.2f} of {full / 1e6:.2f} MFLOPs)",
+        f"bench batch {res.get('batch', '?')} ({bench['backend']['name']})          realised speed-up "
+        f"{sp.get('realised', float('nan')):.2f}x   ideal {sp.get('ideal', float('nan')):.2f}x   "
+        f"efficiency {sp.get('efficiency', float('nan')):.2f}",
+    ]
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from ..bundle import Bundle
+    from ..calib.datasets import load_dataset
+    from ..errors import DmpoEdgeError
+    from ..runtime.pipeline import Pipeline
+
+    t0 = time.perf_counter()
+    work = os.path.abspath(args.workdir)
+    os.makedirs(work, exist_ok=True)
+    model = os.path.join(work, "model.pt")
+    bundle = os.path.join(work, f"digits_{args.precision}")
+    quiet = ["--quiet"] if args.quiet else []
+
+    if os.path.isfile(model) and not args.retune:
+        print(f"== reusing {model} (pass --retune to tune again)")
+    else:
+        argv = ["tune", "--data", "digits", "--backbone", args.backbone, "-o", model] + quiet
+        if args.epochs:
+            argv += ["--epochs", str(args.epochs)]
+        _step("tune DMPO on digits:train (validation on digits:val)", argv)
+    _step(f"compile --{args.precision} calibrated on digits:train",
+          ["compile", model, f"--{args.precision}", "--calib", "digits:train", "--calib-count", str(args.calib_count),
+           "--holdout", "digits:val", "-o", bundle, "--force"])
+    _step(f"exit thresholds on digits:val within {100 * args.max_drop:g} point(s) of the final exit",
+          ["calibrate", bundle, "--val", "digits:val", "--max-drop", str(args.max_drop)] + quiet)
+
+    print("\n== the early-exit pipeline on the held-out digits:test", flush=True)
+    test = load_dataset("digits:test")
+    b = Bundle.load(bundle)
+    x = b.preprocess(test.images)
+    with Pipeline.from_bundle(b, backend=args.backend) as pipe:
+        res = pipe.predict(x)
+        backend_name = type(pipe.backend).__name__
+    if len(res) != len(test):
+        raise DmpoEdgeError("demo", f"the pipeline returned {len(res)} results for {len(test)} images")
+    hist = [int((res.exit_stage == k).sum()) for k in range(b.num_stages)]
+    realised = {"accuracy": float((res.prediction == test.labels).mean()), "histogram": hist}
+    print(f"{len(res)} images on {backend_name}: accuracy {_pct(realised['accuracy'])}, exits per stage {hist}")
+
+    ev_json, ev_png = os.path.join(work, "eval.json"), os.path.join(work, "eval.png")
+    _step("per-exit accuracy and accuracy versus FLOPs on digits:test",
+          ["eval", bundle, "--data", "digits:test", "--json", ev_json, "--plot", ev_png] + quiet)
+    bench_json = os.path.join(work, "bench.json")
+    _step(f"latency against the static model, batch {args.batch}",
+          ["bench", bundle, "--data", "digits:test", "--batch", str(args.batch), "--duration", str(args.duration),
+           "--backend", args.backend, "--json", bench_json] + quiet)
+
+    with open(ev_json) as f:
+        ev = json.load(f)
+    with open(bench_json) as f:
+        bench = json.load(f)
+    op = ev.get("operating_point") or {}
+    if op.get("exit_distribution"):
+        expect = [round(d * len(test)) for d in op["exit_distribution"]]
+        if expect != hist:  # the pipeline and eval run the same graphs with the same thresholds
+            print(f"dmpo-edge: warning: pipeline exits {hist} differ from eval's {expect}", file=sys.stderr)
+    print(f"\n== summary ({b.precision} bundle {bundle})")
+    print(summary_table(ev, bench, realised))
+    print(f"\nplots: {ev_png}, {os.path.join(bundle, 'reports', 'calibration.png')}")
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    return 0
