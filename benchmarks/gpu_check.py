@@ -296,6 +296,42 @@ PYCUDA_DEPS = (("pytools", "pytools"), ("platformdirs", "platformdirs"), ("mako"
                ("typing_extensions", "typing_extensions"), ("siphash24", "siphash24"))
 
 
+PARALLEL_COMPILE = """\
+# --- added by dmpo-edge gpu_check.py: compile the sources of one extension in parallel ---
+def _dmpo_parallel_compile():
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        from setuptools._distutils import ccompiler
+    except ImportError:
+        from distutils import ccompiler
+
+    def compile(self, sources, output_dir=None, macros=None, include_dirs=None, debug=0, extra_preargs=None,
+                extra_postargs=None, depends=None):
+        macros, objects, extra_postargs, pp_opts, build = self._setup_compile(
+            output_dir, macros, include_dirs, sources, depends, extra_postargs)
+        cc_args = self._get_cc_args(pp_opts, debug, extra_preargs)
+
+        def one(obj):
+            if obj in build:
+                src, ext = build[obj]
+                self._compile(obj, src, ext, cc_args, extra_postargs, pp_opts)
+
+        with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+            list(pool.map(one, objects))
+        return objects
+
+    ccompiler.CCompiler.compile = compile
+
+
+try:
+    _dmpo_parallel_compile()
+except Exception:  # keep the serial build
+    pass
+"""
+
+
 def pycuda_plan(kit: str) -> str:
     """What a GPU run would do about pycuda here (said in the dry run)."""
     sdists = sorted(glob.glob(os.path.join(kit, "pycuda-*.tar.gz")))
@@ -326,9 +362,12 @@ def install_pycuda(kit: str, target: str, timeout: float) -> dict:
     try:
         subprocess.run(["tar", "xzf", sdists[-1], "-C", src], check=True, capture_output=True, timeout=120)
         (folder,) = [os.path.join(src, d) for d in os.listdir(src)]
-        # setuptools honours [build_ext] parallel from setup.cfg: compile pycuda's sources on every core
-        with open(os.path.join(folder, "setup.cfg"), "a") as f:
-            f.write(f"\n[build_ext]\nparallel = {max(1, os.cpu_count() or 1)}\n")
+        # pycuda is one big extension (its Boost.Python subset included) that setuptools compiles one file at a
+        # time: compile each extension's sources on every core instead (no effect on what gets built)
+        with open(os.path.join(folder, "setup.py")) as f:
+            setup_py = f.read()
+        with open(os.path.join(folder, "setup.py"), "w") as f:
+            f.write(PARALLEL_COMPILE + "\n" + setup_py)
         env = dict(os.environ, CUDA_ROOT=tk["root"], PATH=os.path.dirname(tk["nvcc"]) + os.pathsep + os.environ.get("PATH", ""))
         rc, log, cmd = _pip(["install", "--no-index", "--no-deps", "--no-build-isolation", "--target", target, folder],
                             timeout, env=env)
