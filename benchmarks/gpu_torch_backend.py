@@ -19,7 +19,6 @@ same code path without streams: that is what ``gpu_check.py --dry-run`` exercise
 from __future__ import annotations
 
 import os
-import threading
 
 import numpy as np
 
@@ -70,7 +69,6 @@ class TorchStageBackend(Backend):
         self.streams = []
         self.merge_stream = None
         self.torch = None
-        self._pin = threading.local()
 
     # --- activate ------------------------------------------------------------------------------
     def _activate_impl(self) -> None:

@@ -247,10 +247,10 @@ class GstLaunchSource(FrameSource):
         for line in iter(self.proc.stderr.readline, b""):
             self._err.append(line.decode(errors="replace").rstrip())
 
-    def _read_exact(self, n: int) -> bytes:
+    def _read_exact(self, proc, n: int) -> bytes:
         chunks, got = [], 0
         while got < n:
-            b = self.proc.stdout.read(n - got)
+            b = proc.stdout.read(n - got)
             if not b:
                 break
             chunks.append(b)
@@ -258,11 +258,14 @@ class GstLaunchSource(FrameSource):
         return b"".join(chunks)
 
     def read(self):
-        if self.proc is None:
+        proc = self.proc  # close() from another thread (a supervisor stopping a hung camera) clears self.proc
+        if proc is None:
             return None
-        buf = self._read_exact(self.frame_bytes)
+        buf = self._read_exact(proc, self.frame_bytes)
         if len(buf) < self.frame_bytes:
-            rc = self.proc.wait(timeout=10)
+            if self.proc is None:
+                return None  # closed while reading: an orderly end, not a failure
+            rc = proc.wait(timeout=10)
             self._err_thread.join(timeout=2)
             err = " / ".join(line for line in self._err if line)[-400:]
             n_read = self._index

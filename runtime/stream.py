@@ -28,7 +28,10 @@ from ._common import as_bundle
 from .pipeline import Pipeline
 from .sources import FrameSource, open_source
 
-__all__ = ["FrameResult", "Stream", "stream"]
+__all__ = ["FrameResult", "Stream", "stream", "LATENCY_WINDOW"]
+
+#: latency percentiles in ``summary()`` are over the most recent frames, at most this many
+LATENCY_WINDOW = 10_000
 
 
 @dataclass
@@ -89,8 +92,11 @@ class Stream:
         self.exit_counts = [0] * self.bundle.num_stages
         self.correct = 0
         self.labelled = 0
-        self.latencies_ms = []
+        # bounded: a stream runs for weeks, and one float per frame would grow without end (~80 MB a day at 30 fps)
+        self.latencies_ms = collections.deque(maxlen=LATENCY_WINDOW)
         self.error = None
+        self.stage_error = None  # the first failed batch's DmpoEdgeError (names the stage)
+        self.frames_failed = 0  # frames of failed batches that never got a result
         self.t_start = None
         self.t_end = None
 
@@ -155,25 +161,59 @@ class Stream:
         p = self.pipeline
         end = None
         try:
-            while end is None:
+            while end is None and self.stage_error is None:
                 items, end = self._next_batch()
                 if items:
                     x = np.stack([x for _, x in items])
                     p.submit(x, tag=[f for f, _ in items])
-                yield from self._collect(p.results(wait=False))
-            yield from self._collect(p.results(wait=True))
+                yield from self._collect(wait=False)
+            if self.stage_error is not None:
+                # a stage failed: read no more frames, but classify those already read and finish every batch
+                self._stop.set()
+                with self._cv:
+                    self._cv.notify_all()
+                while end is None:
+                    items, end = self._next_batch()
+                    if items:
+                        p.submit(np.stack([x for _, x in items]), tag=[f for f, _ in items])
+                    yield from self._collect(wait=False)
+            yield from self._collect(wait=True)
         finally:
             self._shutdown()
         self.t_end = time.perf_counter()
+        if self.stage_error is not None:
+            exc = self.stage_error
+            lost = self.frames_read - self.frames_done
+            self.error = DmpoEdgeError(exc.where, f"{exc.message} ({lost} of {self.frames_read} frame(s) read were not "
+                                       "classified; every other frame was delivered)")
+            raise self.error
         if end is not None and end.error is not None:
             self.error = end.error
             raise end.error
 
-    def _collect(self, finished):
+    def _collect(self, wait: bool):
+        """Results of finished batches in frame order. A failed batch (its stage raised) is noted, its frames
+        that exited before the failure are still delivered, and collection goes on with the next batch."""
+        while True:
+            try:
+                yield from self._deliver(self.pipeline.results(wait=wait), None)
+                return
+            except DmpoEdgeError as exc:
+                if self.stage_error is None:
+                    self.stage_error = exc
+                frames, part = getattr(exc, "tag", None), getattr(exc, "partial", None)
+                if frames and part is not None:
+                    done = part.exit_stage >= 0
+                    self.frames_failed += int((~done).sum())
+                    yield from self._deliver([(frames, part)], done)
+
+    def _deliver(self, finished, only):
         classes = self.pipeline.classes
         for frames, r in finished:
             now = time.perf_counter()
             for i, f in enumerate(frames):
+                if only is not None and not only[i]:
+                    continue
                 cls = int(r.prediction[i])
                 lat = (now - f.t_capture) * 1000.0
                 k = int(r.exit_stage[i])
@@ -226,6 +266,8 @@ class Stream:
             out["labelled"] = self.labelled
         if getattr(self.source, "skipped", None):
             out["skipped"] = list(self.source.skipped)
+        if self.frames_failed:
+            out["frames_failed"] = self.frames_failed
         if self.error is not None:
             out["error"] = str(self.error)
         return out

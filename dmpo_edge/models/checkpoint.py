@@ -128,7 +128,7 @@ def load_checkpoint(path, allow_pickle: bool = False):
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights_only refuses classes/functions: a pickled module; anything else is not a torch file at all
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
+        if "Unsupported global" in str(exc) or "GLOBAL " in str(exc):
             return _foreign_module(path, allow_pickle)
         raise DmpoEdgeError("checkpoint", f"'{path}' is not a dmpo-edge checkpoint ({exc.__class__.__name__}). Expected a model.pt written by 'dmpo-edge tune'") from None
     except Exception as exc:

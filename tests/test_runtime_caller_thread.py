@@ -1,0 +1,212 @@
+"""The caller-thread path of predict / run_static against the in-flight workers: same exits, classes, order.
+
+One batch (n <= min(batch_size, max_batch)) with nothing else in flight runs its stages in the
+caller's thread; everything else goes through the stage workers. A thread-recording wrapper around
+the real ONNX Runtime backend says which path ran; the results are compared with the numpy reference
+and with the workers' results for the same samples.
+"""
+
+import math
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from dmpo_edge.errors import DmpoEdgeError
+from dmpo_edge.runtime import pipeline as pipeline_mod
+from dmpo_edge.runtime.pipeline import Pipeline
+
+K = 4
+MAX_BATCH = 32
+
+
+@pytest.fixture(scope="module")
+def tb(toy_bundle):
+    return toy_bundle(num_stages=K, classes=5, seed=11, max_batch=MAX_BATCH)
+
+
+@pytest.fixture(scope="module")
+def pool(tb):
+    return tb.inputs(120, seed=5)
+
+
+class _Threads:
+    """Records the thread of every stage call on a real backend (the call itself goes through)."""
+
+    def __init__(self, backend):
+        self.backend, self.calls = backend, []
+        self._infer = backend.infer
+
+        def infer(k, feeds, keep_features=False):
+            self.calls.append((k, threading.get_ident()))
+            return self._infer(k, feeds, keep_features=keep_features)
+
+        backend.infer = infer
+
+    def take(self) -> list:
+        calls, self.calls = self.calls, []
+        return calls
+
+
+def _same(a, b):
+    np.testing.assert_array_equal(a.exit_stage, b.exit_stage)
+    np.testing.assert_array_equal(a.prediction, b.prediction)
+    np.testing.assert_array_equal(a.confidence, b.confidence)
+    if a.logits is not None or b.logits is not None:
+        np.testing.assert_array_equal(a.logits, b.logits)
+
+
+def _matches_reference(r, e):
+    np.testing.assert_array_equal(r.exit_stage, e["exit_stage"])
+    np.testing.assert_array_equal(r.prediction, e["prediction"])
+    np.testing.assert_allclose(r.confidence, e["confidence"], rtol=1e-5, atol=1e-5)
+    assert r.prediction.dtype == np.int64 and r.confidence.dtype == np.float32 and r.exit_stage.dtype == np.int32
+
+
+def _far(tb, x, thr, eps=1e-4):
+    ref = tb.reference(x)
+    return all(np.all(np.abs(ref[k]["confidence"] - t) > eps) for k, t in enumerate(thr) if math.isfinite(t))
+
+
+CONFIGS = [dict(), dict(buckets="pow2"), dict(refill=True, max_in_flight=3), dict(max_in_flight=1)]
+
+
+@pytest.fixture(scope="module", params=range(len(CONFIGS)),
+                ids=lambda i: "-".join(f"{k}={v}" for k, v in CONFIGS[i].items()) or "default")
+def traced(request, tb):
+    with Pipeline.from_bundle(tb.path, thresholds=[0.5] * (K - 1), **CONFIGS[request.param]) as p:
+        yield p, _Threads(p.backend)
+
+
+thr_value = st.one_of(st.floats(0.0, 1.0), st.sampled_from([0.0, 1.0, math.inf]))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(thr=st.lists(thr_value, min_size=K - 1, max_size=K - 1), n=st.integers(0, MAX_BATCH), start=st.integers(0, 80),
+       logits=st.booleans())
+def test_one_batch_runs_in_the_callers_thread_and_matches_the_workers(traced, tb, pool, thr, n, start, logits):
+    p, threads = traced
+    x = pool[start:start + n]
+    assume(_far(tb, x, thr))
+    p.thresholds = thr
+    threads.take()
+    direct = p.predict(x, return_logits=logits)
+    calls = threads.take()
+    assert all(t == threading.get_ident() for _, t in calls), "a single batch should not leave the caller's thread"
+    assert [k for k, _ in calls] == sorted(k for k, _ in calls)  # stage by stage
+    # The same batch through the workers (submit/results always uses them).
+    p.submit(x, return_logits=logits)
+    ((_, workers),) = list(p.results())
+    calls = threads.take()
+    assert n == 0 or (calls and all(t != threading.get_ident() for _, t in calls))
+    assert len(direct) == n
+    _same(direct, workers)
+    _matches_reference(direct, tb.early_exit(x, thr))
+
+
+@pytest.mark.parametrize("n,batch_size", [(MAX_BATCH + 1, None), (90, None), (20, 8)])
+def test_more_than_one_batch_goes_through_the_workers(tb, pool, n, batch_size):
+    thr = [0.6, 0.7, 0.8]
+    with Pipeline.from_bundle(tb.path, thresholds=thr) as p:
+        threads = _Threads(p.backend)
+        r = p.predict(pool[:n], batch_size=batch_size, return_logits=True)
+        calls = threads.take()
+    assert calls and all(t != threading.get_ident() for _, t in calls)
+    _matches_reference(r, tb.early_exit(pool[:n], thr))
+
+
+def test_run_static_in_the_callers_thread_is_the_last_exit(tb, pool):
+    with Pipeline.from_bundle(tb.path, thresholds=[0.0] * (K - 1)) as p:
+        threads = _Threads(p.backend)
+        r = p.run_static(pool[:30], return_logits=True)
+        calls = threads.take()
+        assert [k for k, _ in calls] == list(range(K)) and all(t == threading.get_ident() for _, t in calls)
+        big = p.run_static(pool[:70], return_logits=True, batch_size=30)
+        assert all(t != threading.get_ident() for _, t in threads.take())
+        stats = p.stats()
+    ref = tb.reference(pool[:70])[-1]
+    assert np.all(r.exit_stage == K - 1) and np.all(big.exit_stage == K - 1)
+    np.testing.assert_array_equal(r.prediction, ref["prediction"][:30])
+    np.testing.assert_array_equal(big.prediction, ref["prediction"])
+    np.testing.assert_array_equal(r.logits, big.logits[:30])
+    # stats count the caller-thread run like a worker run: every stage saw 30 + 70 samples
+    assert [s["samples_in"] for s in stats] == [100] * K and stats[-1]["exited"] == 100
+
+
+def test_input_is_checked_once(tb, pool, monkeypatch):
+    seen = []
+    real = pipeline_mod.check_batch
+
+    def counting(*a, **kw):
+        seen.append(kw.get("where"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(pipeline_mod, "check_batch", counting)
+    with Pipeline.from_bundle(tb.path, thresholds=[0.5] * (K - 1)) as p:
+        p.predict(pool[:10])  # caller's thread
+        assert len(seen) == 1
+        p.predict(pool[:100], batch_size=16)  # 7 batches through the workers
+        assert len(seen) == 2
+        p.submit(pool[:5])  # submit checks what it is given
+        list(p.results())
+        assert len(seen) == 3
+
+
+def test_a_failed_stage_in_the_callers_thread_leaves_the_pipeline_usable(tb, pool):
+    thr = [0.9, 0.95, 0.99]
+    with Pipeline.from_bundle(tb.path, thresholds=thr, max_in_flight=1) as p:
+        real = p.backend.infer
+
+        def failing(k, feeds, keep_features=False):
+            if k == 2:
+                raise RuntimeError("device lost")
+            return real(k, feeds, keep_features=keep_features)
+
+        p.backend.infer = failing
+        with pytest.raises(DmpoEdgeError, match=r"pipeline stage 2.*RuntimeError: device lost"):
+            p.predict(pool[:20])
+        p.backend.infer = real
+        # nothing is left counted in flight: with max_in_flight=1 a stuck count would block submit() for good
+        p.submit(pool[:20], tag="after")
+        ((tag, r),) = list(p.results())
+        assert tag == "after"
+        _matches_reference(r, tb.early_exit(pool[:20], thr))
+        _matches_reference(p.predict(pool[:20]), tb.early_exit(pool[:20], thr))
+
+
+def test_a_second_predict_during_a_caller_thread_run_takes_the_workers(tb, pool):
+    """Thread A's one-batch predict runs in A's thread; thread B's predict, arriving meanwhile, finds A's
+    batch in flight and goes through the workers instead (the per-stage lock keeps one caller per stage
+    engine). Each gets its own results."""
+    thr = [0.6, 0.7, 0.8]
+    with Pipeline.from_bundle(tb.path, thresholds=thr) as p:
+        gate, entered = threading.Event(), threading.Event()
+        real = p.backend.infer
+        calls = []
+
+        def held_stage0(k, feeds, keep_features=False):
+            calls.append((threading.current_thread().name, k))
+            if k == 0 and threading.current_thread().name == "A":
+                entered.set()
+                gate.wait(10)
+            return real(k, feeds, keep_features=keep_features)
+
+        p.backend.infer = held_stage0
+        out = {}
+        a = threading.Thread(target=lambda: out.setdefault("a", p.predict(pool[:25])), name="A")
+        b = threading.Thread(target=lambda: out.setdefault("b", p.predict(pool[30:50])), name="B")
+        a.start()
+        assert entered.wait(10)
+        b.start()
+        b.join(0.3)  # B's stage 0 waits for A's to finish
+        gate.set()
+        a.join(10)
+        b.join(10)
+    a_calls = [k for name, k in calls if name == "A"]
+    b_calls = [(name, k) for name, k in calls if name != "A"]
+    assert a_calls == sorted(a_calls) and a_calls[0] == 0
+    assert b_calls and ("dmpo-stage-0", 0) in b_calls and all(name == f"dmpo-stage-{k}" for name, k in b_calls)
+    _matches_reference(out["a"], tb.early_exit(pool[:25], thr))
+    _matches_reference(out["b"], tb.early_exit(pool[30:50], thr))
