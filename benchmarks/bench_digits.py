@@ -1,7 +1,9 @@
 """Latency of the digits DMPO bundle on the CPU backend (ONNX Runtime), fp32 and int8, reproducibly.
 
 1. the model: ``out/digits_model.pt`` when it is there, else a fresh ``dmpo-edge tune`` on digits:train;
-2. the bundles: ``compile_bundle`` to fp32 and int8 under ``OUT/`` (reused when they load, unless --force);
+2. the bundles: ``compile_bundle`` to fp32 and int8 under ``OUT/`` (reused when they load and were compiled
+   from this very model - the manifest's ``model.source.sha256`` - unless --force; a retrained model is
+   picked up by recompiling);
 3. the thresholds: ``dmpo-edge calibrate --val digits:val --max-drop 0.01`` (at most 1 point below the
    last exit's accuracy on the validation split);
 4. ``dmpo-edge bench`` on digits:test, batch 1, 8, 32, early exit against the static model interleaved,
@@ -22,7 +24,7 @@ import json
 import os
 import sys
 
-from dmpo_edge.bundle import Bundle
+from dmpo_edge.bundle import Bundle, sha256_file
 from dmpo_edge.cli import main as cli
 from dmpo_edge.errors import DmpoEdgeError
 
@@ -53,14 +55,24 @@ def ensure_model(force: bool) -> str:
     return MODEL
 
 
+def _built_from(b: Bundle, model: str) -> bool:
+    """Whether the bundle was compiled from this model file (a retrained model replaces it in place)."""
+    src = (b.manifest.get("model") or {}).get("source") or {}
+    if src.get("sha256"):
+        return src["sha256"] == sha256_file(model)
+    return os.path.getmtime(model) <= os.path.getmtime(os.path.join(b.path, "manifest.json"))
+
+
 def ensure_bundle(model: str, path: str, precision: str, force: bool) -> Bundle:
     """A calibrated bundle at ``path`` (compiled and calibrated here unless a good one is there)."""
     if os.path.isdir(path) and not force:
         try:
             b = Bundle.load(path)
             if b.thresholds is not None and b.precision == precision:
-                print(f"reusing {os.path.relpath(path, ROOT)}")
-                return b
+                if _built_from(b, model):
+                    print(f"reusing {os.path.relpath(path, ROOT)}")
+                    return b
+                print(f"{os.path.relpath(path, ROOT)} was compiled from another {os.path.relpath(model, ROOT)}: recompiling")
         except DmpoEdgeError:
             pass
     from dmpo_edge.compile import compile_bundle

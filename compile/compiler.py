@@ -144,7 +144,7 @@ def compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", cali
                   opset: int = DEFAULT_OPSET, exporter: str = "auto", calib_method: str = "entropy", fp16_tool: str = "auto",
                   int8_tool: str = "auto", cpu_format: str = "auto", parity_tol: float = PARITY_TOL, build: str = "auto",
                   name: str | None = None, source: dict | None = None, progress: bool = True, build_options: dict | None = None,
-                  log=None) -> Bundle:
+                  holdout_count: int = 1000, log=None) -> Bundle:
     """Compile an in-memory :class:`EarlyExitModel` with its checkpoint ``meta`` into a bundle at ``out_dir``."""
     t_start = time.perf_counter()
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -159,10 +159,11 @@ def compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", cali
     if len(classes) != num_classes:
         raise DmpoEdgeError("compile", f"the checkpoint lists {len(classes)} classes for a model with {num_classes} outputs")
     pre = Preprocess.from_dict(meta.get("preprocess") or {})
-    data = load_compile_data(pre, classes, calib, calib_count, holdout, need_calib=precision == "int8")
+    data = load_compile_data(pre, classes, calib, calib_count, holdout, need_calib=precision == "int8",
+                             holdout_count=holdout_count)
     timings = {}
 
-    steps = 2 * K + 4
+    steps = 2 * K + 3 + (1 if precision == "int8" else 0)  # export, parity, precision, cpu form, report, write
     bar = _progress(steps, progress)
     scratch = tempfile.mkdtemp(prefix="dmpo-compile-")
     try:
@@ -263,8 +264,9 @@ def compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", cali
                 if cpu_files:
                     cname = f"stage_{k}.cpu.onnx"
                     shutil.copyfile(cpu_files[k], os.path.join(bundle_dir, cname))
+                    fmt = prec["cpu_variant"]["per_stage"][k]["format"]
                     entry["variants"] = {"cpu": {"file": cname, "sha256": sha256_file(os.path.join(bundle_dir, cname)),
-                                                 "format": prec.get("cpu_variant", {}).get("format")}}
+                                                 "format": fmt}}
                 stages.append(entry)
             prec.update({
                 "exporter": sorted(set(exporters)), "simplifier": sorted(set(simplifiers)), "opset": opset,

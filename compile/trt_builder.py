@@ -88,9 +88,14 @@ def _logger(trt, verbose: bool):
 
 
 def _network_flags(trt, plan: dict) -> int:
+    from packaging.version import Version
+
     flags = 0
-    if plan["strongly_typed"] and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    creation = trt.NetworkDefinitionCreationFlag
+    if Version(trt.__version__) < Version("10") and hasattr(creation, "EXPLICIT_BATCH"):
+        flags |= 1 << int(creation.EXPLICIT_BATCH)  # 8.x/9.x default to implicit batch; 10 ignores it, 11 removed it
+    if plan["strongly_typed"] and hasattr(creation, "STRONGLY_TYPED"):
+        flags |= 1 << int(creation.STRONGLY_TYPED)
     return flags
 
 

@@ -60,6 +60,10 @@ class Device:
     def stream(self): ...
     def stream_handle(self, stream) -> int: ...
     def event(self): ...
+    def timing_event(self):
+        """An event that records a timestamp (``event()`` may skip timing to be cheaper)."""
+    def elapsed_ms(self, start, end) -> float:
+        """Device time between two completed timing events, in milliseconds."""
     def record(self, event, stream) -> None: ...
     def wait_event(self, stream, event) -> None: ...
     def synchronize(self, stream) -> None: ...
@@ -116,6 +120,12 @@ class PycudaDevice(Device):
 
     def event(self):
         return self.cuda.Event()
+
+    def timing_event(self):
+        return self.cuda.Event()  # flags 0: timing enabled
+
+    def elapsed_ms(self, start, end):
+        return float(end.time_since(start))
 
     def record(self, event, stream):
         event.record(stream)
@@ -202,6 +212,12 @@ class CudaPythonDevice(Device):
 
     def event(self):
         return self._ok(self.rt.cudaEventCreateWithFlags(self.rt.cudaEventDisableTiming), "cudaEventCreate")
+
+    def timing_event(self):
+        return self._ok(self.rt.cudaEventCreateWithFlags(self.rt.cudaEventDefault), "cudaEventCreate")
+
+    def elapsed_ms(self, start, end):
+        return float(self._ok(self.rt.cudaEventElapsedTime(start, end), "cudaEventElapsedTime"))
 
     def record(self, event, stream):
         self._ok(self.rt.cudaEventRecord(event, stream), "cudaEventRecord")

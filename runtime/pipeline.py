@@ -171,8 +171,14 @@ def _default_backend_options(kind, bundle, max_in_flight: int, opts: dict) -> di
     """Size the backend for the batches in flight unless the caller did.
 
     ONNX Runtime: stages that run at the same time share the cores, so each session gets
-    cores / (stages busy at once) intra-op threads, without spinning (a spinning pool burns the core
-    the other stage needs). TensorRT: one device features buffer per group that can wait, plus two.
+    cores / (stages busy at once) intra-op threads. Spinning is off whenever several stage sessions
+    exist: each has its own pool, and an idle pool that spins after its stage burns the cores the next
+    stage (or another batch in flight) needs - measured 3x slower under load. TensorRT: one device
+    features buffer per group that can wait, plus two.
+
+    Measured alternatives (``benchmarks/ort_threads.py``, docs/benchmarks.md): all cores for every
+    session, and one process-wide ONNX Runtime pool shared by the sessions (whose spinning cannot be
+    turned off from Python). Neither was faster on the 2-core reference host across batch sizes.
     """
     name = getattr(kind, "name", "")
     busy = max(1, min(int(max_in_flight), bundle.num_stages))
@@ -181,7 +187,7 @@ def _default_backend_options(kind, bundle, max_in_flight: int, opts: dict) -> di
             from .backends.ort import _default_threads
 
             opts["threads"] = max(1, _default_threads() // busy)
-        if "spinning" not in opts and busy > 1:
+        if "spinning" not in opts and bundle.num_stages > 1:
             opts["spinning"] = False
     elif name == "trt" and "features_buffers" not in opts:
         opts["features_buffers"] = int(max_in_flight) + 2
@@ -393,6 +399,7 @@ class Pipeline:
             # the same error a worker would give this batch; Ctrl-C and the like pass through unchanged
             wrap = isinstance(exc, Exception) and not isinstance(exc, DmpoEdgeError)
             err = DmpoEdgeError(f"pipeline stage {k}", f"{type(exc).__name__}: {exc}") if wrap else exc
+            self._fail(g, err)
             if wrap:
                 raise err from exc
             raise

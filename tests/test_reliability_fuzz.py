@@ -198,7 +198,11 @@ def _mutate(data, m: dict):
             parent[key] = data.draw(st.sampled_from([math.nan, math.inf, -math.inf]), label="nonfinite")
         elif op == "wrong_type":
             v = parent[key]
-            alt = [str(v), [v], {"v": v}, None, True, 1.5, 7]
+            try:
+                sv = str(v)
+            except RecursionError:  # a value made deep by an earlier mutation
+                sv = "deep"
+            alt = [sv, [v], {"v": v}, None, True, 1.5, 7]
             parent[key] = data.draw(st.sampled_from(alt), label="alt")
         elif op == "deep":
             parent[key] = _deep(data.draw(st.integers(10, 2500), label="depth"), "list")

@@ -169,7 +169,10 @@ def test_a_failed_stage_in_the_callers_thread_leaves_the_pipeline_usable(tb, poo
             p.predict(pool[:20])
         p.backend.infer = real
         # nothing is left counted in flight: with max_in_flight=1 a stuck count would block submit() for good
-        p.submit(pool[:20], tag="after")
+        t = threading.Thread(target=p.submit, args=(pool[:20],), kwargs={"tag": "after"}, daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), "submit() blocked: the failed batch is still counted in flight"
         ((tag, r),) = list(p.results())
         assert tag == "after"
         _matches_reference(r, tb.early_exit(pool[:20], thr))
@@ -210,3 +213,16 @@ def test_a_second_predict_during_a_caller_thread_run_takes_the_workers(tb, pool)
     assert b_calls and ("dmpo-stage-0", 0) in b_calls and all(name == f"dmpo-stage-{k}" for name, k in b_calls)
     _matches_reference(out["a"], tb.early_exit(pool[:25], thr))
     _matches_reference(out["b"], tb.early_exit(pool[30:50], thr))
+
+
+@pytest.mark.parametrize("max_in_flight", [1, 2])
+def test_ort_sessions_do_not_spin_when_several_stages_exist(toy_bundle, max_in_flight):
+    """An idle stage session's spinning pool would burn the cores the next stage needs, in either path."""
+    tb = toy_bundle(num_stages=3, seed=13, thresholds=[0.5, 0.5])
+    with Pipeline.from_bundle(tb.path, max_in_flight=max_in_flight) as p:
+        assert p.backend.spinning is False
+    one = toy_bundle(num_stages=1, seed=14)
+    with Pipeline.from_bundle(one.path) as p:
+        assert p.backend.spinning is None  # a single session: ONNX Runtime's default
+    with Pipeline.from_bundle(tb.path, backend_options={"spinning": True}) as p:
+        assert p.backend.spinning is True  # the caller's choice stands

@@ -169,3 +169,46 @@ def test_trt_engine_for_another_device_is_refused(trt_toy, tmp_path):
     _fake_engines(path, "9.0.0-some_other_gpu-sm50-fp32")
     with pytest.raises(DmpoEdgeError, match="dmpo-edge build"):
         TrtBackend(path).activate()
+
+
+def test_event_timings_are_off_until_asked_and_pop_empty(toy_bundle):
+    """The bench's protocol exists without a GPU: recording is off by default and nothing is booked."""
+    be = TrtBackend(toy_bundle(num_stages=2, seed=21).path)
+    assert be.record_timings is False
+    assert be.pop_event_timings() == [] and be.pop_event_timings() == []
+
+
+@pytest.mark.parametrize("device", ["pycuda", "cuda-python"])
+@pytest.mark.gpu
+@pytest.mark.skipif(_GPU_SKIP is not None, reason=str(_GPU_SKIP))
+def test_trt_event_timings_one_record_per_stage_call(trt_toy, device):
+    if device == "pycuda" and not available("pycuda.driver"):
+        pytest.skip("pycuda is not installed")
+    if device == "cuda-python" and not (available("cuda.bindings.runtime") or available("cuda.cudart")):
+        pytest.skip("cuda-python is not installed")
+    from dmpo_edge.runtime.pipeline import Pipeline
+
+    x = trt_toy.inputs(60, seed=4)
+    ref_all = trt_toy.reference(x)
+    thr = [float(np.quantile(ref_all[0]["confidence"], 0.5)) + 1e-4, float(np.quantile(ref_all[1]["confidence"], 0.5)) + 1e-4]
+    with Pipeline.from_bundle(trt_toy.path, backend="trt", thresholds=thr, backend_options={"device": device}) as p:
+        be = p.backend
+        p.predict(x[:20])
+        assert be.pop_event_timings() == []  # off by default
+        be.record_timings = True
+        for xb in (x[:20], x[:60]):  # one batch in the caller's thread, then two through the workers
+            p.reset_stats()
+            r = p.predict(xb, batch_size=30)
+            ev = be.pop_event_timings()
+            stats = p.stats()
+            assert len(ev) == sum(s["batches"] for s in stats)
+            assert sorted(e["stage"] for e in ev) == sorted(k for k, s in enumerate(stats) for _ in range(s["batches"]))
+            for e in ev:
+                assert set(e) == {"stage", "h2d_ms", "compute_ms", "d2h_ms"}
+                assert e["compute_ms"] > 0 and e["h2d_ms"] >= 0 and e["d2h_ms"] >= 0
+                assert max(e["h2d_ms"], e["compute_ms"], e["d2h_ms"]) < 1000
+            np.testing.assert_array_equal(r.exit_stage, trt_toy.early_exit(xb, thr)["exit_stage"])
+        assert be.pop_event_timings() == []  # popped means cleared
+        be.record_timings = False
+        p.predict(x[:20])
+        assert be.pop_event_timings() == []

@@ -26,6 +26,7 @@ def add_arguments(p) -> None:
                    help="INT8 activation range method (default entropy)")
     p.add_argument("--holdout", metavar="DATA", help="labelled held-out data for parity and the accuracy report "
                    "(default: digits:test for digits calibration, else unused calibration images)")
+    p.add_argument("--holdout-count", type=int, default=1000, metavar="N", help="held-out images to use (default 1000)")
     p.add_argument("--exit-policy", default="max_softmax", choices=("max_softmax", "entropy", "margin"),
                    help="exit score computed in the graphs (default max_softmax)")
     p.add_argument("--max-batch", type=int, default=64, metavar="N", help="largest batch a stage takes (default 64)")
@@ -92,7 +93,7 @@ def run(args) -> int:
                      "checkpoint": args.model if args.frontend == "torch-tensorrt" else None}
     bundle = compile_bundle(
         args.model, args.output, precision=args.precision or "fp32", calib=args.calib, calib_count=args.calib_count,
-        holdout=args.holdout, max_batch=args.max_batch, exit_policy=args.exit_policy, force=args.force,
+        holdout=args.holdout, holdout_count=args.holdout_count, max_batch=args.max_batch, exit_policy=args.exit_policy, force=args.force,
         allow_pickle=args.allow_pickle, opset=args.opset, exporter=args.exporter, calib_method=args.calib_method,
         fp16_tool=args.fp16_tool, int8_tool=args.int8_tool, cpu_format=args.cpu_format, build=args.build,
         progress=not args.quiet, build_options=build_options,

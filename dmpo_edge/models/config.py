@@ -30,9 +30,9 @@ DEFAULTS = {
     "pretrained": True,
     "freeze_backbone": True,
     # parameter-efficient tuning
-    "adapter_dim": 16,  # 0 = no adapters
+    "adapter_dim": 32,  # 0 = no adapters
     "adapter_scale": 0.1,
-    "lora_rank": 0,  # 0 = no LoRA
+    "lora_rank": 8,  # 0 = no LoRA
     "lora_alpha": 8.0,
     # DMPO exit heads
     "bypass": True,
@@ -139,7 +139,7 @@ def normalize_config(config: dict) -> dict:
             f"exit(s) {bad} are beyond the depth of {cfg['backbone']} ({depth} blocks). "
             f"Expected block indices 0..{depth - 1}",
         )
-    if exits[-1] != depth - 1:
+    if not exits or exits[-1] != depth - 1:
         exits.append(depth - 1)  # the final exit sits on the last block
     cfg["exits"] = exits
     for key in ("adapter_scale", "lora_alpha", "mlp_ratio", "head_dropout"):

@@ -110,6 +110,12 @@ class DMPOModel(EarlyExitModel):
             return self.backbone.forward_head(feats)
         return self.exits[k](feats)
 
+    def merged(self):
+        """A copy for deployment: LoRA layers folded into plain layers (identical outputs, fewer graph nodes)."""
+        from .peft import fold_lora
+
+        return fold_lora(self).eval()
+
     # -- tuning -----------------------------------------------------------------------------------------------
     def trainable_names(self) -> set:
         """Adapters, LoRA, exit heads and the final linear head: what tuning updates."""

@@ -13,8 +13,10 @@ def stage_flops(model, image_size: int) -> dict:
     """{'stage_flops': [...], 'cumulative_flops': [...]} for one sample (FlopCounterMode: 2 x multiply-adds)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    was_training = model.training
-    model.eval()
+    from .peft import fold_lora
+
+    # count the deployed form: LoRA merged into its layer (exporters fold the merged weight to a constant)
+    model = fold_lora(model).eval()
     p = next(model.parameters())
     x = torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)
     per_stage = []
@@ -24,7 +26,6 @@ def stage_flops(model, image_size: int) -> dict:
                 x = model.forward_stage(k, x)
                 model.forward_exit(k, x)
             per_stage.append(int(counter.get_total_flops()))
-    model.train(was_training)
     cumulative, total = [], 0
     for f in per_stage:
         total += f

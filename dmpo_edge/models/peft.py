@@ -16,7 +16,7 @@ torch = require("torch", "models")
 nn = torch.nn
 F = torch.nn.functional
 
-__all__ = ["LoRALinear", "LoRAConv1x1", "TokenAdapter", "ConvAdapter", "peft_parameter_names"]
+__all__ = ["LoRALinear", "LoRAConv1x1", "TokenAdapter", "ConvAdapter", "fold_lora", "peft_parameter_names"]
 
 
 class LoRALinear(nn.Linear):
@@ -39,8 +39,20 @@ class LoRALinear(nn.Linear):
                 layer.bias.copy_(base.bias)
         return layer
 
+    def merged_weight(self):
+        return self.weight + torch.matmul(self.lora_b, self.lora_a) * self.scaling
+
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scaling
+        # one layer with the merged weight: batch-independent extra work, and an exporter folds it to a constant
+        return F.linear(x, self.merged_weight(), self.bias)
+
+    def folded(self):
+        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            plain.weight.copy_(self.merged_weight())
+            if self.bias is not None:
+                plain.bias.copy_(self.bias)
+        return plain
 
 
 class LoRAConv1x1(nn.Conv2d):
@@ -63,8 +75,20 @@ class LoRAConv1x1(nn.Conv2d):
                 layer.bias.copy_(base.bias)
         return layer
 
+    def merged_weight(self):
+        delta = torch.matmul(self.lora_b.flatten(1), self.lora_a.flatten(1)) * self.scaling
+        return self.weight + delta.reshape(self.weight.shape)
+
     def forward(self, x):
-        return F.conv2d(x, self.weight, self.bias) + F.conv2d(F.conv2d(x, self.lora_a), self.lora_b) * self.scaling
+        return F.conv2d(x, self.merged_weight(), self.bias)
+
+    def folded(self):
+        plain = nn.Conv2d(self.in_channels, self.out_channels, 1, bias=self.bias is not None)
+        with torch.no_grad():
+            plain.weight.copy_(self.merged_weight())
+            if self.bias is not None:
+                plain.bias.copy_(self.bias)
+        return plain
 
 
 class TokenAdapter(nn.Module):
@@ -96,6 +120,18 @@ class ConvAdapter(nn.Module):
 
     def forward(self, x):
         return self.up(F.relu(self.down(x))) * self.scale
+
+
+def fold_lora(model):
+    """A deployment copy of ``model`` with every LoRA layer merged into a plain layer (same function, no LoRA)."""
+    import copy
+
+    folded = copy.deepcopy(model)
+    for parent in list(folded.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (LoRALinear, LoRAConv1x1)):
+                setattr(parent, name, child.folded())
+    return folded
 
 
 def peft_parameter_names(model) -> set:

@@ -12,6 +12,13 @@ the gather in the next stage's graph regroups the survivors on the device. Each 
 CUDA stream (the pipeline runs one worker per stage, so batches in flight run on different streams);
 an event recorded after a stage orders the next stage's stream behind it.
 
+Timing: with ``record_timings = True`` each ``infer`` also records four CUDA timing events on the stage's
+stream - before the copy-in (after any wait on the previous stage), after it, after
+``execute_async_v3`` and after the copy-out of the three small outputs - and
+``pop_event_timings()`` returns (and clears) ``[{"stage", "h2d_ms", "compute_ms", "d2h_ms"}]``, one
+per call. The events are read after the stream synchronisation the exit decision needs anyway, so
+recording adds no wait. ``dmpo-edge bench`` turns it on and reports H2D / compute / D2H per iteration.
+
 Device key: ``<tensorrt version>-<gpu name>-sm<major><minor>-<precision>`` (see :func:`device_key`).
 ``engines/<key>/engines.json`` records the key and the engine files; an engine is refused unless it
 was built for this TensorRT version and GPU - the fix is ``dmpo-edge build BUNDLE`` on this machine.
@@ -23,6 +30,7 @@ import json
 import os
 import queue
 import re
+import threading
 
 import numpy as np
 
@@ -140,6 +148,7 @@ class _Stage:
         self.pool = self.merge_pool = None
         self.merge_stream = None
         self.feat_in = None
+        self.marks = None  # 4 timing events: before copy-in, after it, after execute, after copy-out
 
 
 class TrtBackend(Backend):
@@ -161,6 +170,16 @@ class TrtBackend(Backend):
         self.stages = []
         self.dev = None
         self.key = None
+        self.record_timings = False  # CUDA-event timings of every infer call (see pop_event_timings)
+        self._timings = []
+        self._timings_lock = threading.Lock()
+
+    def pop_event_timings(self) -> list:
+        """``[{"stage", "h2d_ms", "compute_ms", "d2h_ms"}]`` of the calls since the last pop (recorded while
+        ``record_timings`` is on), oldest first; clears them."""
+        with self._timings_lock:
+            out, self._timings = self._timings, []
+        return out
 
     # --- activate --------------------------------------------------------------------------
     def _activate_impl(self) -> None:
@@ -246,6 +265,7 @@ class TrtBackend(Backend):
                 st.merge_pool.put(_DevFeatures(self.dev.malloc(mb * row), 0, shape, dtype, st.merge_pool, None))
         st.stream = self.dev.stream()
         st.event = self.dev.event()
+        st.marks = [self.dev.timing_event() for _ in range(4)]
         if st.merge_pool is not None:
             st.merge_stream = self.dev.stream()  # refill copies run beside this stage's own work
         return st
@@ -322,6 +342,7 @@ class TrtBackend(Backend):
     def _infer_impl(self, k: int, feeds: dict, keep_features: bool) -> dict:
         st = self.stages[k]
         dev = self.dev
+        timed = bool(self.record_timings)
         with dev.bind_thread():
             uploaded = None
             if k == 0:
@@ -330,6 +351,8 @@ class TrtBackend(Backend):
                 self._check_n(n)
                 h = st.host["input"][:n]
                 h[...] = x
+                if timed:
+                    dev.record(st.marks[0], st.stream)
                 dev.htod_async(st.dev["input"].ptr, h, st.stream)
                 self._select_profile(st, {"input": n})
                 self._set_shape(st, "input", (n, *st.sample_shape["input"]))
@@ -338,10 +361,12 @@ class TrtBackend(Backend):
                 n = keep.shape[0]
                 self._check_n(n)
                 f = feeds["features"]
+                if isinstance(f, _DevFeatures) and f.event is not None:
+                    dev.wait_event(st.stream, f.event)  # produced on the previous stage's stream
+                if timed:  # after the wait: the copy-in span holds this stage's copies only
+                    dev.record(st.marks[0], st.stream)
                 if not isinstance(f, _DevFeatures):
                     f = uploaded = self._upload_features(k, st, np.asarray(f))
-                elif f.event is not None:
-                    dev.wait_event(st.stream, f.event)  # produced on the previous stage's stream
                 h = st.host["keep_idx"][:n]
                 h[...] = keep
                 dev.htod_async(st.dev["keep_idx"].ptr, h, st.stream)
@@ -353,14 +378,22 @@ class TrtBackend(Backend):
             if "features" in st.outputs:
                 out_f = self._acquire(st.pool)
                 st.context.set_tensor_address("features", out_f.buf.ptr)
+            if timed:
+                dev.record(st.marks[1], st.stream)
             if not st.context.execute_async_v3(dev.stream_handle(st.stream)):
                 if out_f is not None:
                     self.release(out_f)
                 raise DmpoEdgeError(f"trt backend stage {k}", "execute_async_v3 failed (see the TensorRT log above)")
+            if timed:
+                dev.record(st.marks[2], st.stream)
             for name in ("logits", "confidence", "prediction"):
                 dev.dtoh_async(st.host[name][:n], st.dev[name].ptr, st.stream)
+            if timed:
+                dev.record(st.marks[3], st.stream)
             dev.record(st.event, st.stream)
             dev.synchronize(st.stream)  # the exit decision needs the confidences on the host
+            if timed:
+                self._book_timings(k, st)
             if uploaded is not None:
                 self.release(uploaded)
             res = {name: st.host[name][:n].copy() for name in ("logits", "confidence", "prediction")}
@@ -373,6 +406,12 @@ class TrtBackend(Backend):
                     res["features"] = self._download(out_f, st)
                     self.release(out_f)
         return res
+
+    def _book_timings(self, k: int, st: _Stage) -> None:
+        m, ms = st.marks, self.dev.elapsed_ms
+        rec = {"stage": k, "h2d_ms": ms(m[0], m[1]), "compute_ms": ms(m[1], m[2]), "d2h_ms": ms(m[2], m[3])}
+        with self._timings_lock:
+            self._timings.append(rec)
 
     def _check_n(self, n: int) -> None:
         if n > self.max_batch:
