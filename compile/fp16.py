@@ -19,7 +19,9 @@ import numpy as np
 from .._lazy import available, require
 from ..errors import DmpoEdgeError
 from ._quiet import quiet_tools
-from .graph import descendants, ensure_node_names, load_model, save_model, set_float16_io
+from .graph import (
+    descendants, ensure_node_names, force_output_types, load_model, save_model, set_float16_io, terminal_outputs,
+)
 
 __all__ = ["fp32_keep_nodes", "convert_fp16", "FP16_TOOLS"]
 
@@ -68,7 +70,7 @@ def _autocast(src: str, keep: list, feeds_list: list, opset: int):
 def _converter_common(src: str, keep: list):
     from onnxconverter_common import float16
 
-    model = load_model(src)
+    model = terminal_outputs(load_model(src))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=list(keep),
@@ -104,6 +106,8 @@ def convert_fp16(src: str, dst: str, head_nodes, second_order: bool, feeds_list:
     if out is None:
         raise DmpoEdgeError("fp16", "no FP16 converter worked (" + "; ".join(errors) + "). Install 'dmpo-edge[quant]'")
     set_float16_io(out, inputs=[features_in] if features_in else [], outputs=[features_out] if features_out else [])
+    TP = onnx.TensorProto
+    force_output_types(out, {"logits": TP.FLOAT, "confidence": TP.FLOAT, "prediction": TP.INT32})
     try:
         out = onnx.shape_inference.infer_shapes(out, strict_mode=False)
     except Exception:  # shape info is a nicety for viewers; the graph is complete without it

@@ -13,7 +13,7 @@ from ..errors import DmpoEdgeError
 __all__ = [
     "load_model", "save_model", "io_specs", "elem_dtype", "producers", "consumers", "ancestors", "descendants",
     "ensure_node_names", "constant_tensors", "exit_head_nodes", "is_second_order_head", "op_counts",
-    "set_float16_io", "drop_output", "opset_of",
+    "set_float16_io", "drop_output", "opset_of", "terminal_outputs", "force_output_types",
 ]
 
 _DTYPES = {1: "float32", 10: "float16", 6: "int32", 7: "int64", 3: "int8", 2: "uint8", 9: "bool", 11: "float64"}
@@ -177,6 +177,57 @@ def is_second_order_head(model, head: set) -> bool:
             if len(ins) == 2 and not any(i in const for i in ins):
                 return True
     return False
+
+
+def terminal_outputs(model):
+    """Give every graph output that other nodes also read its own Identity, so no node consumes a graph output.
+
+    Some converters (onnxconverter-common's float16 with keep_io_types) retype a graph output and forget the
+    nodes that read it; with a terminal Identity the inside tensor and the output are two names.
+    """
+    onnx = require("onnx", "stage graph surgery")
+    cons = consumers(model)
+    prod = producers(model)
+    for out in model.graph.output:
+        name = out.name
+        if not cons.get(name) or name not in prod:
+            continue
+        inner = name + "__inner"
+        p = prod[name]
+        for j, o in enumerate(p.output):
+            if o == name:
+                p.output[j] = inner
+        _rename_input_uses(model, name, inner)
+        idx = list(model.graph.node).index(p)
+        model.graph.node.insert(idx + 1, onnx.helper.make_node("Identity", [inner], [name], name=name + "__out"))
+    return model
+
+
+def force_output_types(model, want: dict):
+    """Make graph outputs ``{name: onnx elem type}`` carry exactly that type (a converter may leave e.g. the
+    confidence as float16 behind a Cast): retarget a producing Cast, else append one."""
+    onnx = require("onnx", "stage graph surgery")
+    prod = producers(model)
+    for out in model.graph.output:
+        t = want.get(out.name)
+        if t is None or out.type.tensor_type.elem_type == t:
+            continue
+        p = prod.get(out.name)
+        if p is not None and p.op_type == "Cast":
+            for a in p.attribute:
+                if a.name == "to":
+                    a.i = t
+        else:
+            inner = out.name + "__typed"
+            if p is not None:
+                for j, o in enumerate(p.output):
+                    if o == out.name:
+                        p.output[j] = inner
+            _rename_input_uses(model, out.name, inner)
+            model.graph.node.append(onnx.helper.make_node("Cast", [inner], [out.name], to=t, name=out.name + "__cast"))
+        out.type.tensor_type.elem_type = t
+    _drop_value_info(model, set(want))
+    return model
 
 
 def drop_output(model, name: str):

@@ -275,7 +275,8 @@ def _runner_summary(rec: _Record, lat_s: list, batch: int, settings: BenchSettin
         "latency_ms": summarize(lat_s, percentiles=settings.percentiles),
         "stages": stages,
         "backend_ms_per_iteration": backend_s * 1e3 / n,
-        # what the pipeline adds around the backend calls: threads, queues, exit decisions, regrouping
+        # what the pipeline adds around the backend calls: exit decisions, regrouping, bookkeeping, and the
+        # worker threads' queues and wake-ups when the call goes through them (more than one batch)
         "host_overhead_ms_per_stage_batch": (total_s - backend_s) * 1e3 / stage_batches if stage_batches else None,
         "stage_batches_per_iteration": stage_batches / n,
     }
@@ -308,7 +309,7 @@ def _efficiency_breakdown(ee: dict, st: dict, batch: int, ideal_flops: float) ->
     - ``batch_efficiency``: that predicted early-exit backend time over the measured one. Below 1 when
       the regrouped, smaller batches of deeper stages cost more per sample than full ones.
     - ``host_factor``: the backend's share of the wall time in the early-exit run over its share in the
-      static run. Below 1 when the pipeline's own per-stage work (threads, exit decisions, regrouping)
+      static run. Below 1 when the pipeline's own per-stage work (exit decisions, regrouping, hand-offs)
       weighs more on the early-exit run, which has fewer samples per stage batch to spread it over.
     """
     n = ee["iterations"]
@@ -455,7 +456,8 @@ def host_overhead(bundle, batch_sizes, thresholds=None, settings: BenchSettings 
     """What the pipeline itself costs per stage per batch: the same loop over the ``null`` backend.
 
     The null backend returns correctly shaped outputs without computing anything, so the latency of a
-    call is threads, queues, exit decisions and regrouping. Returned per batch size for the early-exit
+    call is the pipeline's own work: exit decisions, regrouping and bookkeeping (one batch runs in the
+    caller's thread; longer calls add the workers' queues). Returned per batch size for the early-exit
     pipeline and the static path: ms per stage batch (mean latency / stage batches per call).
     """
     from ._common import as_bundle, input_shape

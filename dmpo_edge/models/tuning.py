@@ -83,6 +83,8 @@ def _distributed():
     dist = torch.distributed
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process, before NCCL starts
         dist.init_process_group(backend=backend)
     return dist
 
@@ -178,6 +180,7 @@ def tune(model, train_ds, val_ds, preprocess, schedule, *, epochs: int, batch_si
     seconds = time.perf_counter() - t0
     if dist:
         dist.barrier()
+        dist.destroy_process_group()  # the tuned weights are identical on every rank; rank 0 evaluates and writes
     if rank != 0:
         return {}
     xv = preprocess_images(val_ds.images, preprocess)
