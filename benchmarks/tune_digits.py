@@ -32,18 +32,30 @@ SECTION = "## DMPO vs plain multi-exit tuning"
 BUDGETS = (0.3, 0.5)
 
 
-def tune_or_reuse(path: str, extra: list, args) -> dict:
+# name -> (extra tune flags, the ablation record the checkpoint must carry to be reused)
+VARIANTS = {
+    "DMPO": ([], {"bypass": True, "early_head": "cov", "loss_schedule": "two_phase"}),
+    "plain multi-exit": (["--baseline"], {"bypass": False, "early_head": "linear", "loss_schedule": "uniform"}),
+    "DMPO without bypass": (["--no-bypass"], {"bypass": False, "early_head": "cov", "loss_schedule": "two_phase"}),
+    "DMPO with linear early heads": (["--linear-early-heads"], {"bypass": True, "early_head": "linear", "loss_schedule": "two_phase"}),
+    "DMPO with uniform weights": (["--uniform-weights"], {"bypass": True, "early_head": "cov", "loss_schedule": "uniform"}),
+}
+
+
+def tune_or_reuse(path: str, variant: str, args) -> dict:
     from dmpo_edge.cli import main as cli
     from dmpo_edge.errors import DmpoEdgeError
     from dmpo_edge.models import load_checkpoint
+    from dmpo_edge.models.config import normalize_config
 
-    want = {"epochs": args.epochs, "seed": args.seed, "baseline": "--baseline" in extra}
+    extra, ablation = VARIANTS[variant]
     if os.path.exists(path) and not args.force:
         try:
             _, meta = load_checkpoint(path)
             m = meta["metrics"]
-            have = {"epochs": m.get("epochs"), "seed": m.get("seed"), "baseline": m.get("ablation", {}).get("bypass") is False}
-            if have == want and meta["config"]["exits"] == [4, 7, 10, 15] and m.get("val_data") == "digits:val":
+            exits = normalize_config({"backbone": "efficientnet_lite0"})["exits"]
+            same = (m.get("epochs"), m.get("seed"), m.get("ablation"), meta["config"]["exits"], m.get("val_data"))
+            if same == (args.epochs, args.seed, ablation, exits, "digits:val"):
                 print(f"reusing {os.path.relpath(path, ROOT)} (tuned with these settings; --force retunes)", file=sys.stderr)
                 return meta
         except DmpoEdgeError:
@@ -132,22 +144,33 @@ def table(dmpo: dict, base: dict) -> str:
     return "\n".join(rows)
 
 
+def _se(a: float, b: float, n: int) -> float:
+    """Standard error (points) of the difference of two accuracies on n images (binomial, independent)."""
+    return 100 * float(np.sqrt((a * (1 - a) + b * (1 - b)) / n))
+
+
 def verdict(dmpo: dict, base: dict) -> str:
-    wins = {b: dmpo[b][0] - base[b][0] for b in BUDGETS if dmpo[b][2] is not None and base[b][2] is not None}
-    early = [d - p for d, p in zip(dmpo["test_acc"][:-1], base["test_acc"][:-1])]
-    final = dmpo["test_acc"][-1] - base["test_acc"][-1]
-    parts = [f"early exits {', '.join(f'{100 * e:+.2f}' for e in early)} points, final exit {100 * final:+.2f} points"]
-    parts += [f"at {int(100 * b)}% of the static FLOPs {100 * w:+.2f} points" for b, w in wins.items()]
     n = dmpo["n_test"]
-    se = 100 * np.sqrt(0.25 / n) * np.sqrt(2)  # worst-case standard error of a difference of two accuracies
-    margin = max([abs(w) for w in wins.values()] + [0.0]) * 100
-    if wins and all(w > 0 for w in wins.values()) and margin > se:
-        head = "DMPO wins at both matched budgets"
-    elif wins and all(w >= 0 for w in wins.values()):
-        head = "DMPO is ahead or level, within the noise of a 360-image test set" if margin <= se else "DMPO is ahead or level"
-    else:
-        head = "DMPO does not win here"
-    return f"{head}: DMPO minus plain, {'; '.join(parts)} (one seed; +-{se:.1f} points is one standard error on {n} images)."
+    says = []
+    for b in BUDGETS:
+        if dmpo[b][2] is None or base[b][2] is None:
+            says.append(f"at {int(100 * b)}% of the static FLOPs no threshold fits for {'DMPO' if dmpo[b][2] is None else 'plain'}")
+            continue
+        d, se = 100 * (dmpo[b][0] - base[b][0]), max(_se(dmpo[b][0], base[b][0], n), 100 / n)
+        word = "DMPO wins clearly" if d > 2 * se else ("plain wins clearly" if d < -2 * se else "level (within two standard errors)")
+        says.append(f"at {int(100 * b)}% of the static FLOPs {word}: {d:+.2f} +- {se:.2f} points")
+    early = ", ".join(f"{100 * (d - p):+.2f}" for d, p in zip(dmpo["test_acc"][:-1], base["test_acc"][:-1]))
+    final = 100 * (dmpo["test_acc"][-1] - base["test_acc"][-1])
+    return (f"{'; '.join(says)}. Per exit, DMPO minus plain: early exits {early} points, final exit {final:+.2f} points "
+            f"(one seed, {n} test images).")
+
+
+def ablation_table(results: dict) -> str:
+    rows = ["| variant | test accuracy per exit (%) | at <= 30% FLOPs | at <= 50% FLOPs |", "| --- | --- | ---: | ---: |"]
+    for name, r in results.items():
+        cells = [("n/a" if r[b][2] is None else f"{100 * r[b][0]:.2f}%") for b in BUDGETS]
+        rows.append(f"| {name} | {', '.join(f'{100 * a:.1f}' for a in r['test_acc'])} | {cells[0]} | {cells[1]} |")
+    return "\n".join(rows)
 
 
 def write_doc(text: str) -> None:
@@ -170,15 +193,23 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     p.add_argument("--force", action="store_true", help="retune even when out/ holds models tuned with these settings")
+    p.add_argument("--ablations", action="store_true", help="also tune DMPO with one part switched off at a time")
     p.add_argument("--no-docs", action="store_true", help="print only; leave docs/results.md alone")
     args = p.parse_args()
     import torch
 
     os.makedirs(OUT, exist_ok=True)
     dmpo_path, base_path = os.path.join(OUT, "digits_model.pt"), os.path.join(OUT, "digits_baseline.pt")
-    tune_or_reuse(dmpo_path, [], args)
-    tune_or_reuse(base_path, ["--baseline"], args)
+    tune_or_reuse(dmpo_path, "DMPO", args)
+    tune_or_reuse(base_path, "plain multi-exit", args)
     dmpo, base = evaluate(dmpo_path), evaluate(base_path)
+    ablations = {}
+    if args.ablations:
+        ablations = {"DMPO": dmpo, "plain multi-exit": base}
+        for name in list(VARIANTS)[2:]:
+            path = os.path.join(OUT, "digits_ablation_" + name.split(" ", 1)[1].replace(" ", "_") + ".pt")
+            tune_or_reuse(path, name, args)
+            ablations[name] = evaluate(path)
     import efficientnet_lite_pytorch  # noqa: F401  (its version is reported)
     from importlib.metadata import version
 
@@ -203,7 +234,10 @@ def main() -> int:
         "",
         table(dmpo, base), "",
         "**Verdict.** " + verdict(dmpo, base), "",
-    ])
+    ] + ([
+        "Ablations, one DMPO part switched off at a time (same settings; `python benchmarks/tune_digits.py --ablations`):",
+        "", ablation_table(ablations), "",
+    ] if ablations else []))
     print(text)
     if not args.no_docs:
         write_doc(text)

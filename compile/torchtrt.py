@@ -97,7 +97,7 @@ def build_torch_tensorrt_engines(bundle, settings: dict, out_dir: str, checkpoin
             mn, opt, mx = prof[name]
             dtype = torch.int32 if name == KEEP_IDX else torch.float32
             inputs.append(torch_tensorrt.Input(min_shape=list(mn), opt_shape=list(opt), max_shape=list(mx), dtype=dtype))
-        kwargs = {"arg_inputs": inputs, "workspace_size": settings["workspace_bytes"]}
+        kwargs = {"arg_inputs" if "arg_inputs" in sig else "inputs": inputs, "workspace_size": settings["workspace_bytes"]}
         if fp16:
             if "enable_autocast" in sig:
                 kwargs["enable_autocast"] = True

@@ -161,7 +161,10 @@ def build_engines(bundle_path: str, max_batch: int | None = None, buckets=(), wo
     tmp = tempfile.mkdtemp(prefix=f".{settings['device_key']}.tmp-", dir=root)
     try:
         cache_src = os.path.join(final, TIMING_CACHE)
-        cache_blob = open(cache_src, "rb").read() if os.path.isfile(cache_src) else None
+        cache_blob = None
+        if os.path.isfile(cache_src):  # the previous build's timing cache makes a rebuild fast
+            with open(cache_src, "rb") as f:
+                cache_blob = f.read()
         if frontend == "torch-tensorrt":
             from .torchtrt import build_torch_tensorrt_engines
 

@@ -55,7 +55,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-in-flight", type=int, default=2, metavar="N", help="pipeline: batches in flight (default 2)")
     p.add_argument("--buckets", metavar="pow2|B1,B2,...", help="pipeline: pad stage batches up to these sizes")
     p.add_argument("--refill", action="store_true", help="pipeline: merge shrunken stage batches")
-    p.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime intra-op threads per stage session (default: usable cores / batches in flight, spinning off)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="ONNX Runtime intra-op threads per stage session (default: usable cores / batches in flight, "
+                        "spinning off)")
     p.add_argument("--json", metavar="OUT", help="write the full report (JSON) to OUT")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
 

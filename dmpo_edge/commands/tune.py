@@ -31,7 +31,7 @@ def add_arguments(p) -> None:
     m.add_argument("--embed-dim", type=int, default=None, help="ViT width (backbone 'vit'; presets set it)")
     m.add_argument("--depth", type=int, default=None, help="ViT blocks (backbone 'vit'; presets set it)")
     m.add_argument("--num-heads", type=int, default=None, help="ViT attention heads (backbone 'vit'; presets set it)")
-    m.add_argument("--exits", type=_ints, default=None, help="comma-separated block indices of the exits (default 4,7,10,15 for EfficientNet-Lite0); the last block always has one")
+    m.add_argument("--exits", type=_ints, default=None, help="comma-separated block indices of the exits (default 2,7,10,15 for EfficientNet-Lite0); the last block always has one")
     m.add_argument("--adapter-dim", type=int, default=32, help="parallel adapter bottleneck width, 0 = none (default 32)")
     m.add_argument("--lora-rank", type=int, default=8, help="LoRA rank on qkv/proj (ViT) or 1x1 convs (CNN), 0 = none (default 8)")
     m.add_argument("--cov-dim", type=int, default=32, help="channels kept before covariance pooling (default 32)")
