@@ -161,7 +161,8 @@ def verdict(dmpo: dict, base: dict) -> str:
         says.append(f"at {int(100 * b)}% of the static FLOPs {word}: {d:+.2f} +- {se:.2f} points")
     early = ", ".join(f"{100 * (d - p):+.2f}" for d, p in zip(dmpo["test_acc"][:-1], base["test_acc"][:-1]))
     final = 100 * (dmpo["test_acc"][-1] - base["test_acc"][-1])
-    return (f"{'; '.join(says)}. Per exit, DMPO minus plain: early exits {early} points, final exit {final:+.2f} points "
+    text = "; ".join(says)
+    return (f"{text[:1].upper() + text[1:]}. Per exit, DMPO minus plain: early exits {early} points, final exit {final:+.2f} points "
             f"(one seed, {n} test images).")
 
 
@@ -237,6 +238,11 @@ def main() -> int:
     ] + ([
         "Ablations, one DMPO part switched off at a time (same settings; `python benchmarks/tune_digits.py --ablations`):",
         "", ablation_table(ablations), "",
+        "Accuracy lost at <= 30% of the static FLOPs when one part is switched off: " + "; ".join(
+            f"{name.replace('DMPO ', '')} {100 * (ablations[name][0.3][0] - dmpo[0.3][0]):+.2f} "
+            f"+- {_se(ablations[name][0.3][0], dmpo[0.3][0], dmpo['n_test']):.2f} points"
+            for name in list(VARIANTS)[2:] if ablations[name][0.3][2] is not None)
+        + " (one standard error; one seed, so only differences beyond about two of them are more than noise).", "",
     ] if ablations else []))
     print(text)
     if not args.no_docs:

@@ -63,7 +63,7 @@ def plot_curves(curves, path: str, operating_points=(), anytime=(), title: str |
             ex = a["exits"]
             ax.plot([e["cumulative_flops"] / 1e6 for e in ex], [100 * e["accuracy"] for e in ex], "s", ms=6, mfc="none",
                     color=a.get("color", _COLORS[i % len(_COLORS)]), label=a["label"])
-        for i, op in enumerate(operating_points):
+        for op in operating_points:
             p = op["point"]
             x, y = p["expected_flops"] / 1e6, 100 * p["accuracy"]
             color = op.get("color", "tab:red")
@@ -71,8 +71,9 @@ def plot_curves(curves, path: str, operating_points=(), anytime=(), title: str |
             ax.plot([x], [y], marker, ms=16 if marker == "*" else 10, color=color, mec="black", mew=0.6, label=op["label"],
                     zorder=5)
             ax.annotate(f"{100 * p['accuracy']:.1f}% @ {100 * p['expected_cost']:.0f}% FLOPs",
-                        (x, y), textcoords="offset points", xytext=(8, -14 - 12 * i), fontsize=8, color=color,
+                        (x, y), textcoords="offset points", xytext=op.get("offset", (8, -14)), fontsize=8, color=color,
                         bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.8})
+        ax.margins(x=0.04, y=0.1)  # room for the operating-point notes
         ax.set_xlabel("expected MFLOPs per sample")
         ax.set_ylabel("top-1 accuracy (%)")
         ax.grid(True, alpha=0.3)

@@ -27,7 +27,9 @@ from ..policies import POLICIES
 from ..preprocess import Preprocess
 from .data import load_compile_data
 from .export import DEFAULT_OPSET, check_model, export_stage, simplify
-from .graph import drop_output, ensure_node_names, exit_head_nodes, io_specs, is_second_order_head, load_model, opset_of, save_model
+from .graph import (
+    drop_output, ensure_node_names, exit_head_nodes, io_specs, is_second_order_head, load_model, opset_of, save_model,
+)
 from .onnxrun import run_chain
 from .opcheck import check_tensorrt_ops
 from .parity import PARITY_TOL, stage_parity
@@ -38,10 +40,11 @@ __all__ = ["compile_bundle", "compile_model", "tool_versions", "PRECISIONS", "st
 
 PRECISIONS = ("fp32", "fp16", "int8")
 PARITY_IMAGES = 64
-#: an INT8 exit head that loses more than this many points (stage alone, FP32 inputs) is kept in FP32
-HEAD_DROP_POINTS = 0.5
+#: a stage whose INT8 form loses more than this many points at its exit or a later one (held-out data, the other
+#: stages FP32) is requantized with its most sensitive layers kept FP32, and the best form is kept
+INT8_DROP_POINTS = 0.5
 CPU_TIMING_BATCH = 32
-#: a CPU-form candidate whose exit loses more than this (stage alone, FP32 inputs) is not chosen when another keeps it
+#: a CPU-form candidate that loses more than this (same measure) is not chosen when another keeps within it
 CPU_DROP_POINTS = 0.5
 
 
@@ -122,21 +125,6 @@ def _stage_inputs(chain_out: list, k: int, x: np.ndarray) -> dict:
         return {"input": x}
     feats = chain_out[k]["input"]
     return {FEATURES_IN: feats, "keep_idx": np.arange(feats.shape[0], dtype=np.int32)}
-
-
-def _stage_accuracy(path: str, inputs: dict, labels, ref_pred) -> tuple:
-    """(accuracy or None, agreement with the FP32 prediction) of one stage graph on prepared inputs."""
-    from .int8 import batched_feeds
-    from .onnxrun import session
-
-    sess = session(path)
-    preds = []
-    for f in batched_feeds(inputs, 64):
-        names = [o.name for o in sess.get_outputs()]
-        preds.append(dict(zip(names, sess.run(None, f)))["prediction"])
-    pred = np.concatenate(preds).astype(np.int64)
-    acc = None if labels is None else float((pred == labels).mean())
-    return acc, float((pred == np.asarray(ref_pred)).mean())
 
 
 def compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", calib: str | None = None, calib_count: int = 256,
@@ -359,6 +347,47 @@ def _apply_precision(precision, K, fp32_paths, heads, scratch, calib_chain, hold
     return _int8(K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, calib_method, int8_tool, cpu_format, bar)
 
 
+class _Downstream:
+    """Scores a candidate graph for stage k in place: stage k replaced, stages after it FP32, on held-out data.
+
+    The score is the worst accuracy loss (points) over exits k..K-1 against the FP32 chain (1 - agreement when
+    the held-out data has no labels): a stage's error also reaches every later exit through its features.
+    """
+
+    def __init__(self, fp32_paths, hold_chain, x, labels):
+        from .onnxrun import session
+
+        self.fp32 = [session(p) for p in fp32_paths]
+        self.chain, self.x, self.y = hold_chain, x, labels
+        self.ref_acc = None if labels is None else [
+            float((np.asarray(c["prediction"]).astype(np.int64) == labels).mean()) for c in hold_chain]
+
+    def __call__(self, k: int, path: str) -> dict:
+        from .int8 import batched_feeds
+        from .onnxrun import input_feeds, session
+
+        sessions = [session(path)] + self.fp32[k + 1:]
+        preds = [[] for _ in sessions]
+        for f in batched_feeds(_stage_inputs(self.chain, k, self.x), 64):
+            feeds = f
+            for j, sess in enumerate(sessions):
+                out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+                preds[j].append(out["prediction"])
+                if "features" in out:
+                    feeds = input_feeds(self.fp32[k + j + 1], k + j + 1, out["features"]) if k + j + 1 < len(self.fp32) else None
+        drops, accs = [], []
+        for j, p in enumerate(preds):
+            p = np.concatenate(p).astype(np.int64)
+            agree = float((p == np.asarray(self.chain[k + j]["prediction"])).mean())
+            if self.y is not None:
+                acc = float((p == self.y).mean())
+                accs.append(acc)
+                drops.append(100.0 * (self.ref_acc[k + j] - acc))
+            else:
+                drops.append(100.0 * (1.0 - agree))
+        return {"drop_points": max(drops), "exit_accuracy": accs or None, "stage_exit_drop_points": drops[0]}
+
+
 def _int8(K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, calib_method, int8_tool, cpu_format, bar):
     from .int8 import (
         CPU_FORMATS, batched_feeds, image_layer_nodes, quantize_cpu_form, quantize_tensorrt_form, time_sessions,
@@ -366,43 +395,47 @@ def _int8(K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, calib_me
 
     out_dir = os.path.join(scratch, "int8")
     os.makedirs(out_dir)
+    score = _Downstream(fp32_paths, hold_chain, data.holdout_x, data.holdout_y) if hold_chain is not None else None
+    stems = [image_layer_nodes(load_model(fp32_paths[0]))] + [[] for _ in range(K - 1)]
     paths, per_stage = [], []
     excludes = []
     for k in range(K):
         bar.set_postfix_str(f"int8 stage {k}")
         feeds = batched_feeds(_stage_inputs(calib_chain, k, data.calib_x), 32)
-        dst = os.path.join(out_dir, f"stage_{k}.onnx")
-        tool = quantize_tensorrt_form(fp32_paths[k], dst, feeds, (), calib_method, int8_tool)
-        rec = {"stage": k, "tool": tool, "head": "int8", "second_order_head": heads[k]["second_order"]}
-        exclude = []
-        if hold_chain is not None:
-            inputs = _stage_inputs(hold_chain, k, data.holdout_x)
-            ref = hold_chain[k]["prediction"]
-            y = data.holdout_y
-            acc_q, agree_q = _stage_accuracy(dst, inputs, y, ref)
-            acc_f = None if y is None else float((np.asarray(ref).astype(np.int64) == y).mean())
-            drop = (100.0 * (acc_f - acc_q)) if y is not None else 100.0 * (1.0 - agree_q)
-            rec.update({"stage_alone": {"fp32_accuracy": acc_f, "int8_accuracy": acc_q, "agreement": agree_q}})
-            if heads[k]["second_order"] and drop > HEAD_DROP_POINTS:
-                # the covariance / square-root head hurts in INT8: keep it in FP32 and compare
-                alt = os.path.join(out_dir, f"stage_{k}.headfp32.onnx")
-                quantize_tensorrt_form(fp32_paths[k], alt, feeds, heads[k]["nodes"], calib_method, tool)
-                acc_h, agree_h = _stage_accuracy(alt, inputs, y, ref)
-                better = (acc_h > acc_q) if y is not None else (agree_h > agree_q)
-                rec["stage_alone"].update({"head_fp32_accuracy": acc_h, "head_fp32_agreement": agree_h})
-                if better:
-                    os.replace(alt, dst)
-                    rec["head"] = "fp32"
-                    exclude = list(heads[k]["nodes"])
-                else:
-                    os.remove(alt)
+        # What may stay FP32 when INT8 costs accuracy, tried in this order (fewest FP32 layers first): the
+        # second-order exit head (covariance / square root), the layer that reads the image, both.
+        options = [("none", [])]
+        if heads[k]["second_order"]:
+            options.append(("exit head", list(heads[k]["nodes"])))
+        if stems[k]:
+            options.append(("image layer", list(stems[k])))
+            if heads[k]["second_order"]:
+                options.append(("image layer + exit head", list(stems[k]) + list(heads[k]["nodes"])))
+        rec = {"stage": k, "second_order_head": heads[k]["second_order"], "candidates": {}}
+        best = None
+        tool = int8_tool
+        for i, (label, exclude) in enumerate(options):
+            dst = os.path.join(out_dir, f"stage_{k}.{i}.onnx")
+            tool = quantize_tensorrt_form(fp32_paths[k], dst, feeds, exclude, calib_method, tool)
+            if score is None:
+                best = (label, exclude, dst, None)
+                break
+            res = score(k, dst)
+            rec["candidates"][label] = res
+            if best is None or res["drop_points"] < best[3]["drop_points"] - 1e-9:
+                best = (label, exclude, dst, res)
+            if best[3]["drop_points"] <= INT8_DROP_POINTS:
+                break
+        label, exclude, dst, _ = best
+        rec.update({"tool": tool, "kept_fp32": label, "fp32_nodes": len(exclude),
+                    "head": "fp32" if "exit head" in label else "int8"})
         excludes.append(exclude)
         per_stage.append(rec)
         paths.append(dst)
         bar.update()
 
     # ---- the ONNX Runtime CPU form: U8 activations, S8 weights. Per stage QDQ or QOperator: the fastest one that
-    # keeps the stage's exit within CPU_DROP_POINTS (stage alone, FP32 inputs), measured here.
+    # stays within CPU_DROP_POINTS (stage k replaced, later stages FP32, held-out data), measured here.
     formats = list(CPU_FORMATS) if cpu_format == "auto" else [cpu_format]
     if any(f not in CPU_FORMATS for f in formats):
         raise DmpoEdgeError("int8", f"unknown --cpu-format '{cpu_format}'. Expected auto, QDQ or QOperator")
@@ -411,7 +444,7 @@ def _int8(K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, calib_me
         bar.set_postfix_str(f"int8 cpu form stage {k}")
         feeds = batched_feeds(_stage_inputs(calib_chain, k, data.calib_x), 32)
         timing_feeds = batched_feeds(_stage_inputs(calib_chain, k, data.calib_x), CPU_TIMING_BATCH)[0]
-        keep_fp32 = list(excludes[k]) + (image_layer_nodes(load_model(fp32_paths[k])) if k == 0 else [])
+        keep_fp32 = sorted(set(excludes[k]) | set(stems[k]))
         made, rec = {}, {"stage": k, "fp32_nodes": len(keep_fp32), "candidates": {}}
         for fmt in formats:
             dst = os.path.join(scratch, "int8", f"stage_{k}.{fmt}.cpu.onnx")
@@ -423,16 +456,10 @@ def _int8(K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, calib_me
         ms = time_sessions({**made, "fp32": fp32_paths[k], "tensorrt_form": paths[k]}, timing_feeds)
         rec["fp32_ms"] = round(ms["fp32"], 3)
         rec["tensorrt_form_ms"] = round(ms["tensorrt_form"], 3)
-        if hold_chain is not None:
-            inputs = _stage_inputs(hold_chain, k, data.holdout_x)
-            ref, y = hold_chain[k]["prediction"], data.holdout_y
-            acc_f = None if y is None else float((np.asarray(ref).astype(np.int64) == y).mean())
         for fmt, dst in made.items():
             c = {"ms": round(ms[fmt], 3)}
-            if hold_chain is not None:
-                acc, agree = _stage_accuracy(dst, inputs, y, ref)
-                c.update({"accuracy": acc, "agreement": agree,
-                          "drop_points": 100.0 * ((acc_f - acc) if y is not None else (1.0 - agree))})
+            if score is not None:
+                c.update(score(k, dst))
             rec["candidates"][fmt] = c
         ok = {f: c for f, c in rec["candidates"].items() if "ms" in c and c.get("drop_points", 0.0) <= CPU_DROP_POINTS}
         if ok:
@@ -451,7 +478,7 @@ def _int8(K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, calib_me
               "tensorrt_form": sum(r["tensorrt_form_ms"] for r in cpu_stages)}
     cpu_record = {"format": formats_used[0] if len(formats_used) == 1 else formats_used,
                   "activations": "uint8 asymmetric (per tensor)", "weights": "int8 symmetric per channel",
-                  "fp32_layers": "stage 0's first layer (reads the image) and any exit head kept FP32 above",
+                  "fp32_layers": "the layer that reads the image, and whatever the TensorRT form kept in FP32",
                   "tool": "onnxruntime.quantization.quantize_static", "timing_batch": CPU_TIMING_BATCH,
                   "timings_ms": {k: round(v, 3) for k, v in totals.items()}, "per_stage": cpu_stages}
     tools = sorted({r["tool"] for r in per_stage})

@@ -100,23 +100,19 @@ def consumers(model) -> dict:
 
 
 def constant_tensors(model) -> set:
-    """Names of tensors fixed at build time: initializers and Constant outputs (weights, shapes, indices)."""
+    """Names of tensors fixed at build time: initializers, Constant outputs, and what Cast / Identity /
+    Q / DQ / Transpose make of them (fp16 or quantized copies of weights)."""
     names = {i.name for i in model.graph.initializer}
-    prod = producers(model)
-    changed = True
-    const_nodes = {n.name for n in model.graph.node if n.op_type == "Constant"}
     names |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    # also weights reached through a Cast/Identity/DequantizeLinear of constants (fp16 or quantized weights)
+    changed = True
     while changed:
         changed = False
         for n in model.graph.node:
-            if n.name in const_nodes or n.op_type not in ("Cast", "Identity", "DequantizeLinear", "QuantizeLinear", "Transpose"):
+            if n.op_type not in ("Cast", "Identity", "DequantizeLinear", "QuantizeLinear", "Transpose"):
                 continue
-            if all((not i) or i in names for i in n.input):
-                const_nodes.add(n.name)
+            if any(o not in names for o in n.output) and all((not i) or i in names for i in n.input):
                 names |= set(n.output)
                 changed = True
-    del prod
     return names
 
 

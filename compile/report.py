@@ -30,8 +30,8 @@ def precision_report(reference: list, variants: dict, labels, data_info: dict | 
         per_exit = []
         for k, (ref, got) in enumerate(zip(reference, outs)):
             agree = float((np.asarray(ref["prediction"]) == np.asarray(got["prediction"])).mean())
-            e = {"exit": k, "top1_agreement": agree,
-                 "logits_max_abs_diff": float(np.abs(np.asarray(ref["logits"], np.float64) - np.asarray(got["logits"], np.float64)).max())}
+            diff = np.abs(np.asarray(ref["logits"], np.float64) - np.asarray(got["logits"], np.float64))
+            e = {"exit": k, "top1_agreement": agree, "logits_max_abs_diff": float(diff.max(initial=0.0))}
             if labels is not None:
                 acc = float((np.asarray(got["prediction"]).astype(np.int64) == labels).mean())
                 ref_acc = float((np.asarray(ref["prediction"]).astype(np.int64) == labels).mean())

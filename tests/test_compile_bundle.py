@@ -155,6 +155,16 @@ def test_int8_cpu_form_is_u8_and_recorded(tiny_bundle_factory):
     assert calib["source"] == "digits:train" and calib["count"] == 128 and calib["method"] == "entropy"
     assert calib["fingerprint"] == load_dataset("digits:train").take(128).fingerprint()
     assert prec["tool"] == "modelopt"
+    for r in prec["per_stage"]:
+        # layers stay FP32 only when INT8 measurably hurt (then the best of the forms tried is kept)
+        assert r["kept_fp32"] in ("none", "exit head", "image layer", "image layer + exit head")
+        tried = r["candidates"]
+        assert "none" in tried
+        if r["kept_fp32"] != "none":
+            assert tried["none"]["drop_points"] > 0.5
+            assert tried[r["kept_fp32"]]["drop_points"] == min(c["drop_points"] for c in tried.values())
+        if "image layer" in r["kept_fp32"]:
+            assert r["stage"] == 0
     cpu = prec["cpu_variant"]
     assert cpu["timings_ms"]["fp32"] > 0 and cpu["timings_ms"]["cpu_variant"] > 0 and len(cpu["per_stage"]) == b.num_stages
     for k, st in enumerate(b.stages):

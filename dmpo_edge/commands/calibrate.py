@@ -98,7 +98,8 @@ def run(args) -> int:
     print_exits(report["exits"])
     print_curve(report["sweep"], "budgeted-batch sweep (validation):")
     rec = report["thresholds"]
-    print(f"method {rec['method']}, target {rec['target']}")
+    target = rec["target"] if rec["target"] is not None else "none: the cheapest sweep point with the best accuracy"
+    print(f"method {rec['method']}, target {target}")
     print("thresholds: " + format_thresholds(rec["values"]))
     print_point("validation", report["chosen"])
     print(f"wrote {CALIBRATION_REPORT}, {CALIBRATION_PLOT} and the manifest's thresholds")

@@ -93,8 +93,9 @@ def run(args) -> int:
                      "checkpoint": args.model if args.frontend == "torch-tensorrt" else None}
     bundle = compile_bundle(
         args.model, args.output, precision=args.precision or "fp32", calib=args.calib, calib_count=args.calib_count,
-        holdout=args.holdout, holdout_count=args.holdout_count, max_batch=args.max_batch, exit_policy=args.exit_policy, force=args.force,
-        allow_pickle=args.allow_pickle, opset=args.opset, exporter=args.exporter, calib_method=args.calib_method,
+        holdout=args.holdout, holdout_count=args.holdout_count, max_batch=args.max_batch, exit_policy=args.exit_policy,
+        force=args.force, allow_pickle=args.allow_pickle, opset=args.opset, exporter=args.exporter,
+        calib_method=args.calib_method,
         fp16_tool=args.fp16_tool, int8_tool=args.int8_tool, cpu_format=args.cpu_format, build=args.build,
         progress=not args.quiet, build_options=build_options,
     )

@@ -32,6 +32,7 @@ def add_arguments(p) -> None:
     m.add_argument("--depth", type=int, default=None, help="ViT blocks (backbone 'vit'; presets set it)")
     m.add_argument("--num-heads", type=int, default=None, help="ViT attention heads (backbone 'vit'; presets set it)")
     m.add_argument("--exits", type=_ints, default=None, help="comma-separated block indices of the exits (default 2,7,10,15 for EfficientNet-Lite0); the last block always has one")
+    m.add_argument("--train-backbone", action="store_true", help="update the backbone too (default: frozen, only PEFT + heads)")
     m.add_argument("--adapter-dim", type=int, default=32, help="parallel adapter bottleneck width, 0 = none (default 32)")
     m.add_argument("--lora-rank", type=int, default=8, help="LoRA rank on qkv/proj (ViT) or 1x1 convs (CNN), 0 = none (default 8)")
     m.add_argument("--cov-dim", type=int, default=32, help="channels kept before covariance pooling (default 32)")
@@ -120,7 +121,7 @@ def run(args) -> int:
         "pretrained": False if args.no_pretrained else (args.weights or True),
         "adapter_dim": args.adapter_dim, "lora_rank": args.lora_rank, "cov_dim": args.cov_dim, "ns_iters": args.ns_iters,
         "bypass": not args.no_bypass, "bypass_dim": args.bypass_dim, "bypass_detach": args.bypass_detach,
-        "early_head": "linear" if args.linear_early_heads else "cov",
+        "early_head": "linear" if args.linear_early_heads else "cov", "freeze_backbone": not args.train_backbone,
     }
     if vit and config["pretrained"] is True and rank0:
         print("dmpo-edge: no ViT weights ship offline; tuning from random weights (pass --weights for a timm checkpoint)", file=sys.stderr)
