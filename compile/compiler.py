@@ -159,6 +159,9 @@ def compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", cali
             # ---- split + export + simplify ------------------------------------------------------------
             t0 = time.perf_counter()
             model.eval()
+            if callable(getattr(model, "merged", None)):
+                # LoRA folded into plain layers: identical outputs, fewer nodes for the quantizer and TensorRT
+                model = model.merged()
             modules = split_stages(model, exit_policy, probe=True)
             parity_x = (data.holdout_x if data.holdout_x is not None else data.calib_x)
             parity_src = (data.holdout_info or data.calib_info or {}).get("source", "random images")

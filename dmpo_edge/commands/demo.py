@@ -68,8 +68,8 @@ def summary_table(ev: dict, bench: dict, realised: dict) -> str:
         f"early-exit accuracy (eval, test split)  {_pct(op.get('accuracy'))}   final exit alone {_pct(final)}   "
         f"difference {100 * ((op.get('accuracy') or 0) - final):+.1f} points",
         f"pipeline run on the test split         {_pct(realised['accuracy'])}   exits {realised['histogram']}",
-        f"expected cost                          {_pct(op.get('cost'))} of the full model's FLOPs "
-        f"({(op.get('cost') or 0) * full / 1e6:.2f} of {full / 1e6:.2f} MFLOPs)",
+        f"expected cost                          {_pct(op.get('expected_cost'))} of the full model's FLOPs "
+        f"({(op.get('expected_cost') or 0) * full / 1e6:.2f} of {full / 1e6:.2f} MFLOPs)",
         f"bench batch {res.get('batch', '?')} ({bench['backend']['name']})          realised speed-up "
         f"{sp.get('realised', float('nan')):.2f}x   ideal {sp.get('ideal', float('nan')):.2f}x   "
         f"efficiency {sp.get('efficiency', float('nan')):.2f}",
