@@ -26,7 +26,9 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=32, help="batch size of the benchmark (default 32)")
     p.add_argument("--duration", type=float, default=3.0, help="seconds per benchmark configuration (default 3, trtexec's)")
     p.add_argument("--retune", action="store_true", help="tune again even when workdir/model.pt exists")
+    p.add_argument("--model", metavar="MODEL.PT", help="use this digits checkpoint instead of tuning one")
     p.add_argument("--backend", default="auto", help="runtime backend for run and bench: auto | ort | trt (default auto)")
+    p.add_argument("--exporter", default=None, choices=("dynamo", "torchscript"), help="torch.onnx exporter for compile")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -90,7 +92,12 @@ def run(args) -> int:
     bundle = os.path.join(work, f"digits_{args.precision}")
     quiet = ["--quiet"] if args.quiet else []
 
-    if os.path.isfile(model) and not args.retune:
+    if args.model:
+        if not os.path.isfile(args.model):
+            raise DmpoEdgeError("demo", f"--model '{args.model}' does not exist. Expected a model.pt written by 'dmpo-edge tune'")
+        model = os.path.abspath(args.model)
+        print(f"== using {model}")
+    elif os.path.isfile(model) and not args.retune:
         print(f"== reusing {model} (pass --retune to tune again)")
     else:
         argv = ["tune", "--data", "digits", "--backbone", args.backbone, "-o", model] + quiet
@@ -98,8 +105,8 @@ def run(args) -> int:
             argv += ["--epochs", str(args.epochs)]
         _step("tune DMPO on digits:train (validation on digits:val)", argv)
     _step(f"compile --{args.precision} calibrated on digits:train",
-          ["compile", model, f"--{args.precision}", "--calib", "digits:train", "--calib-count", str(args.calib_count),
-           "--holdout", "digits:val", "-o", bundle, "--force"])
+          ["compile", model, "--precision", args.precision, "--calib", "digits:train", "--calib-count", str(args.calib_count),
+           "--holdout", "digits:val", "-o", bundle, "--force"] + (["--exporter", args.exporter] if args.exporter else []))
     _step(f"exit thresholds on digits:val within {100 * args.max_drop:g} point(s) of the final exit",
           ["calibrate", bundle, "--val", "digits:val", "--max-drop", str(args.max_drop)] + quiet)
 
