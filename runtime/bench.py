@@ -107,12 +107,15 @@ class Runner:
 
 
 def interleave(runners: list, num_batches: int, warmup_s: float, duration_s: float, min_iterations: int,
-               clock: Callable[[], float] = time.perf_counter) -> dict:
+               clock: Callable[[], float] = time.perf_counter, settle: bool = False) -> dict:
     """Round-robin over ``runners``: round r feeds batch ``r % num_batches`` to each runner in turn.
 
     Warm-up rounds run until ``warmup_s`` has passed (none for 0); timed rounds run until at least
-    ``min_iterations`` rounds and ``duration_s`` seconds are done. Returns ``trace`` (name, batch index,
-    start, end per timed call, in call order), ``latency_s`` per runner, ``warmup`` and ``wall_s``.
+    ``min_iterations`` rounds and ``duration_s`` seconds are done. With ``settle`` each runner first makes
+    one untimed call on the previous batch (outside ``before``/``after``), so that its timed call starts from
+    the caches and buffers its own configuration leaves behind, as it would running alone, not from the
+    previous runner's. Returns ``trace`` (name, batch index, start, end per timed call, in call order),
+    ``latency_s`` per runner, ``warmup`` and ``wall_s``.
     """
     if not runners:
         raise DmpoEdgeError(WHERE, "nothing to benchmark")
@@ -135,6 +138,8 @@ def interleave(runners: list, num_batches: int, warmup_s: float, duration_s: flo
     while True:
         j = rounds % num_batches
         for r in runners:
+            if settle:  # the previous batch, as in a stream: the timed call's input is not pre-warmed by it
+                r.call((j - 1) % num_batches)
             if r.before:
                 r.before(j)
             a = clock()
@@ -176,6 +181,9 @@ class BenchSettings:
     # Also time a stream: each call hands `stream_batches` batches to the pipeline at once, so up to
     # max_in_flight of them overlap (what the pipeline is built for); 0 = off.
     stream_batches: int = 16
+    # One untimed call before each timed one-batch call (see `interleave`): without it each configuration
+    # is timed right after the other one, in the caches the other left behind.
+    settle: bool = True
 
     def check(self) -> "BenchSettings":
         if not (self.warmup_ms >= 0 and math.isfinite(self.warmup_ms)):
@@ -357,8 +365,10 @@ def bench_batch(pipeline, x: np.ndarray, labels, batch: int, configs: list, sett
                       after=lambda j, res: rec.after(pipeline, res, None if ys is None else ys[j]))
 
     order = ([static] + recs) if static_first else (recs + [static])
+    # Streams (several batches per call) settle by themselves after their first batch; one-batch calls do not.
     loop = interleave([make(r) for r in order], len(xs), settings.warmup_ms / 1e3,
-                      settings.duration_s if duration_s is None else duration_s, int(settings.iterations))
+                      settings.duration_s if duration_s is None else duration_s, int(settings.iterations),
+                      settle=bool(settings.settle) and stage_batch is None)
     lat = loop["latency_s"]
     st = _runner_summary(static, lat["static"], batch, settings)
     out = {"batch": batch, "rounds": loop["rounds"], "wall_s": loop["wall_s"], "warmup": loop["warmup"],
@@ -570,7 +580,9 @@ def format_report(report: dict) -> str:
         f"thresholds: [{', '.join(f'{t:.4g}' for t in report['thresholds']['values'])}] ({report['thresholds']['source']})"
         if report.get("thresholds") else "thresholds: none (sweep only)",
         f"warm-up {s['warmup_ms']:g} ms, then >= {s['iterations']} iterations and >= {s['duration_s']:g} s per batch size; "
-        "early exit and static interleaved; percentiles as trtexec",
+        "early exit and static interleaved"
+        + (", one untimed settle call before each timed one-batch call" if s.get("settle") else "")
+        + "; percentiles as trtexec",
     ]
     m = report.get("machine") or {}
     if m:

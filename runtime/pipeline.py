@@ -31,6 +31,7 @@ Bad input (wrong shape or dtype, NaN / Inf) is refused at ``submit`` with a Dmpo
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import queue
 import threading
@@ -171,22 +172,24 @@ def _default_backend_options(kind, bundle, max_in_flight: int, opts: dict) -> di
     """Size the backend for the batches in flight unless the caller did.
 
     ONNX Runtime: stages that run at the same time share the cores, so each session gets
-    cores / (stages busy at once) intra-op threads. Spinning is off whenever several stage sessions
-    exist: each has its own pool, and an idle pool that spins after its stage burns the cores the next
-    stage (or another batch in flight) needs - measured 3x slower under load. TensorRT: one device
-    features buffer per group that can wait, plus two.
-
-    Measured alternatives (``benchmarks/ort_threads.py``, docs/benchmarks.md): all cores for every
-    session, and one process-wide ONNX Runtime pool shared by the sessions (whose spinning cannot be
-    turned off from Python). Neither was faster on the 2-core reference host across batch sizes.
+    cores / (stages busy at once) intra-op threads, and the one-batch caller-thread path, where
+    nothing else runs, a second set of sessions with all cores (used for stage calls of at least
+    64 MFLOPs; see :class:`~.backends.ort.OrtBackend`). Spinning is off whenever several stage
+    sessions exist: each has its own pool, and an idle pool that spins after its stage burns the cores
+    the next stage (or another batch in flight) needs - measured 3x slower under load. One
+    process-wide pool shared by the sessions was measured too and not kept (its spinning cannot be
+    turned off from Python). TensorRT: one device features buffer per group that can wait, plus two.
     """
     name = getattr(kind, "name", "")
     busy = max(1, min(int(max_in_flight), bundle.num_stages))
     if name == "ort":
-        if "threads" not in opts:
+        if "threads" not in opts:  # an explicit thread count is the caller's whole answer
             from .backends.ort import _default_threads
 
-            opts["threads"] = max(1, _default_threads() // busy)
+            cores = _default_threads()
+            opts["threads"] = max(1, cores // busy)
+            if opts["threads"] < cores and "exclusive_threads" not in opts:
+                opts["exclusive_threads"] = cores
         if "spinning" not in opts and bundle.num_stages > 1:
             opts["spinning"] = False
     elif name == "trt" and "features_buffers" not in opts:
@@ -392,9 +395,11 @@ class Pipeline:
         g = _Group([batch], [np.arange(batch.n, dtype=np.int64)])
         k = 0
         try:
-            while g is not None:
-                g = self._run_group(k, g, k == self.num_stages - 1)
-                k += 1
+            lease = getattr(self.backend, "exclusive", contextlib.nullcontext)
+            with lease():  # nothing else in flight: the backend may use the whole machine
+                while g is not None:
+                    g = self._run_group(k, g, k == self.num_stages - 1)
+                    k += 1
         except BaseException as exc:
             # the same error a worker would give this batch; Ctrl-C and the like pass through unchanged
             wrap = isinstance(exc, Exception) and not isinstance(exc, DmpoEdgeError)

@@ -83,6 +83,7 @@ def test_short_real_run_on_digits(capsys, digit_bundle, tmp_path):
     assert rep["data"]["source"] == "digits:test" and rep["data"]["samples"] > 300 and rep["data"]["labelled"]
     assert rep["thresholds"]["values"] == [0.5, 0.5] and rep["thresholds"]["source"].startswith("manifest")
     assert rep["settings"]["warmup_ms"] == 10 and rep["settings"]["percentiles"] == [90, 95, 99]
+    assert rep["settings"]["settle"] is True and "settle call" in printed
     assert rep["machine"]["cores"] >= 1 and "numpy" in rep["machine"]["versions"]
     assert [r["batch"] for r in rep["results"]] == [1, 8]
     for r in rep["results"]:
@@ -96,6 +97,13 @@ def test_short_real_run_on_digits(capsys, digit_bundle, tmp_path):
         assert r["streaming"]["batches_per_call"] == 2
     for word in ("throughput", "early exit", "static", "speed-up: realised", "exits: realised", "batch 8"):
         assert word in printed
+
+
+def test_no_settle_is_recorded(capsys, digit_bundle, tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", digit_bundle, "--batch", "1", "--stream", "0", "--no-settle", "--json", str(out)] + QUICK) == 0
+    assert "settle call" not in capsys.readouterr().out
+    assert json.loads(out.read_text())["settings"]["settle"] is False
 
 
 def test_random_inputs_warn_and_sweep_writes_table_and_plot(capsys, digit_bundle, tmp_path):

@@ -43,6 +43,46 @@ def test_interleave_alternates_and_feeds_the_same_batch():
     assert out["rounds"] == 7
 
 
+def test_interleave_settles_each_runner_on_the_previous_batch_untimed():
+    """With settle, every timed call follows an untimed call of the same runner on the previous batch, outside
+    before/after, so it is timed in its own configuration's caches and its counters hold the timed call only."""
+    log = []
+
+    def runner(name):
+        return Runner(name, lambda j: log.append((name, "call", j)), before=lambda j: log.append((name, "before", j)),
+                      after=lambda j, out: log.append((name, "after", j)))
+
+    out = interleave([runner("early_exit"), runner("static")], num_batches=3, warmup_s=0.0, duration_s=0.0,
+                     min_iterations=4, settle=True)
+    expect = []
+    for r in range(4):
+        for name in ("early_exit", "static"):
+            expect += [(name, "call", (r - 1) % 3), (name, "before", r % 3), (name, "call", r % 3), (name, "after", r % 3)]
+    assert log == expect
+    assert [t[:2] for t in out["trace"]] == [(n, r % 3) for r in range(4) for n in ("early_exit", "static")]
+    assert len(out["latency_s"]["static"]) == 4  # settle calls are not timed
+
+
+def test_settle_is_on_for_one_batch_calls_and_recorded(toy_bundle):
+    tb = toy_bundle(num_stages=3, classes=4, seed=3, thresholds=THRESHOLDS)
+    x = tb.inputs(40, seed=2)
+    calls = []
+    s = BenchSettings(batch_sizes=[8], warmup_ms=0, duration_s=0.0, iterations=3, stream_batches=2)
+    assert s.settle is True
+    with Pipeline.from_bundle(tb.path, backend="ort", backend_options={"threads": 1}) as pipe:
+        real_predict, real_static = pipe.predict, pipe.run_static
+        pipe.predict = lambda xb, **kw: calls.append(("ee", xb.shape[0])) or real_predict(xb, **kw)
+        pipe.run_static = lambda xb, **kw: calls.append(("static", xb.shape[0])) or real_static(xb, **kw)
+        r = bench_batch(pipe, x, None, 8, [{"name": "early_exit", "thresholds": THRESHOLDS}], s, [1.0, 2.0, 3.0])
+        assert r["early_exit"][0]["iterations"] == r["static"]["iterations"] == 3
+        assert calls == [("ee", 8), ("ee", 8), ("static", 8), ("static", 8)] * 3  # settle + timed, each
+        # the counters hold the timed calls only
+        assert r["early_exit"][0]["stages"][0]["samples_in"] == r["static"]["stages"][0]["samples_in"] == 24
+        calls.clear()
+        bench_batch(pipe, x, None, 16, [{"name": "early_exit", "thresholds": THRESHOLDS}], s, [1.0, 2.0, 3.0], stage_batch=8)
+        assert calls == [("ee", 16), ("static", 16)] * 3  # streams of several batches: no settle call
+
+
 def test_interleave_warms_up_first():
     log = []
     out = interleave([Runner("a", lambda j: log.append(j))], 2, warmup_s=0.02, duration_s=0.0, min_iterations=2)

@@ -52,6 +52,9 @@ def add_arguments(p) -> None:
     p.add_argument("--stream", type=int, default=16, metavar="N",
                    help="also time streams of N batches handed over at once, so batches overlap in the pipeline "
                         "(throughput with batches in flight; default 16, 0 = off)")
+    p.add_argument("--no-settle", action="store_true",
+                   help="no untimed settle call before each timed one-batch call (each configuration is then timed "
+                        "in the caches the other one left behind)")
     p.add_argument("--max-in-flight", type=int, default=2, metavar="N", help="pipeline: batches in flight (default 2)")
     p.add_argument("--buckets", metavar="pow2|B1,B2,...", help="pipeline: pad stage batches up to these sizes")
     p.add_argument("--refill", action="store_true", help="pipeline: merge shrunken stage batches")
@@ -176,7 +179,7 @@ def run(args) -> int:
     backend = _check_backend(args.backend, bundle)
     settings = rb.BenchSettings(batch_sizes=_batch_sizes(args, bundle), warmup_ms=args.warmup,
                                 duration_s=args.duration, iterations=args.iterations,
-                                stream_batches=args.stream).check()
+                                stream_batches=args.stream, settle=not args.no_settle).check()
     K = bundle.num_stages
     if args.samples is not None and args.samples < 1:
         raise DmpoEdgeError("bench", f"--samples {args.samples} must be at least 1")
@@ -265,7 +268,7 @@ def run(args) -> int:
                      "duration_s": settings.duration_s, "iterations": settings.iterations,
                      "percentiles": list(settings.percentiles),
                      "percentile_definition": "trtexec: sorted[max(n - 1 - int((1 - p/100) * n), 0)] (float32)",
-                     "interleaved": True},
+                     "interleaved": True, "settle": settings.settle},
         "data": data,
         "thresholds": th_record,
         "machine": {**machine, "loadavg_after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},

@@ -13,6 +13,7 @@ device without features visiting the host.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import numpy as np
@@ -64,6 +65,12 @@ class Backend:
         if not 0 <= k < self.num_stages:
             raise DmpoEdgeError(f"{self.name} backend", f"stage {k} does not exist; the bundle has {self.num_stages} stages (0-based)")
         return self._infer_impl(k, feeds, keep_features)
+
+    def exclusive(self):
+        """Context manager: the stage calls this thread makes inside have the machine to themselves (one batch,
+        nothing else in flight), so a backend may give them more of it. A no-op unless a backend says otherwise
+        (ONNX Runtime: sessions with all cores, see :class:`OrtBackend`)."""
+        return contextlib.nullcontext()
 
     def features_to_host(self, features):
         """A ``features`` value returned with ``keep_features=True`` -> numpy (for tests and calibration)."""

@@ -6,11 +6,24 @@ U8 activations); on a GPU provider the portable ``stage_k.onnx`` runs and IOBind
 The TensorRT execution provider is opt-in (``providers=["TensorrtExecutionProvider", ...]``): it
 rebuilds engines when a session is created; the native ``trt`` backend uses engines built once by
 ``dmpo-edge build``.
+
+Threads on the CPU: each stage session has its own intra-op pool of ``threads``. Stages that run at the
+same time (batches in flight) share the cores, so the pipeline gives each session cores / batches in
+flight. A call made inside :meth:`exclusive` (the pipeline's one-batch caller-thread path: nothing else
+runs) may instead take a second set of sessions with ``exclusive_threads`` (all cores) when it holds at
+least ``exclusive_min_mflops`` of work (rows x the stage's per-sample FLOPs from the manifest); below
+that, splitting an operator across threads costs more than it saves. Measured side by side on the
+2-core reference host (``benchmarks/ort_threads.py``, docs/benchmarks.md): all cores made one batch of
+32 through the digits stages 35% faster and one sample 27% slower; one process-wide pool shared by the
+sessions was faster still when the machine was idle, but its spinning cannot be turned off from Python
+and it ran 2-3x slower than per-session pools when other processes shared the cores.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import numpy as np
 
@@ -45,17 +58,25 @@ class OrtBackend(Backend):
     ``threads``: intra-op threads per session (default: the cores this process may use).
     ``variant``: which stage file to run: ``"cpu"`` (the manifest's cpu variant, when present),
     ``"default"`` (``stage_k.onnx``) or ``None`` = cpu variant on the CPU provider, portable file otherwise.
+    ``spinning``: whether idle intra-op threads spin (None: ONNX Runtime's default, on).
+    ``exclusive_threads``: intra-op threads of a second set of sessions for calls inside :meth:`exclusive`
+    that hold at least ``exclusive_min_mflops`` MFLOPs (None or equal to ``threads``: no second set).
     """
 
     name = "ort"
 
     def __init__(self, bundle, providers=None, threads: int | None = None, variant: str | None = None,
-                 spinning: bool | None = None):
+                 spinning: bool | None = None, exclusive_threads: int | None = None,
+                 exclusive_min_mflops: float = 64.0):
         super().__init__(bundle)
         self._providers_req = list(providers) if providers else None
         self.threads = int(threads) if threads else _default_threads()
         self.variant = variant
         self.spinning = spinning
+        self.exclusive_threads = int(exclusive_threads) if exclusive_threads else None
+        self.exclusive_min_mflops = float(exclusive_min_mflops)
+        self._exclusive = threading.local()
+        self.wide_sessions = []  # the exclusive_threads sessions (CPU only), else empty
         self.sessions = []
         self.providers = []
         self.files = []
@@ -74,29 +95,57 @@ class OrtBackend(Backend):
         variant = self.variant if self.variant is not None else (None if self.on_device else "cpu")
         if variant == "default":
             variant = None
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        if self.spinning is not None:
-            # Spinning workers burn cores that another in-flight stage could use; off when several batches overlap.
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        opts = self._session_options(ort, self.threads)
         self.sessions, self.files, self._feat_in = [], [], []
         for k in range(self.num_stages):
             path = self.bundle.stage_path(k, variant)
-            try:
-                sess = ort.InferenceSession(path, sess_options=opts, providers=providers)
-            except Exception as exc:  # ORT raises its own exception types for bad graphs
-                raise DmpoEdgeError(f"ort backend stage {k}", f"ONNX Runtime cannot load '{os.path.basename(path)}' ({exc}). "
-                                    "Recompile the bundle with 'dmpo-edge compile'") from None
+            sess = self._load(ort, k, path, opts, providers)
             self._check_io(k, sess)
             self.sessions.append(sess)
             self.files.append(path)
         self.providers = self.sessions[0].get_providers() if self.sessions else []
         self.on_device = any(p in _GPU_PROVIDERS for p in self.providers)
         self._out_names = [[o.name for o in s.get_outputs()] for s in self.sessions]
+        self.wide_sessions = []
+        if not self.on_device and self.exclusive_threads and self.exclusive_threads != self.threads:
+            wide = self._session_options(ort, self.exclusive_threads)
+            self.wide_sessions = [self._load(ort, k, path, wide, providers) for k, path in enumerate(self.files)]
+        self._stage_flops = [float(st.get("flops") or 0.0) for st in self.bundle.stages]
+
+    def _session_options(self, ort, threads: int):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if self.spinning is not None:
+            # Spinning workers burn cores that another stage session needs; off when several sessions exist.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        return opts
+
+    def _load(self, ort, k: int, path: str, opts, providers):
+        try:
+            return ort.InferenceSession(path, sess_options=opts, providers=providers)
+        except Exception as exc:  # ORT raises its own exception types for bad graphs
+            raise DmpoEdgeError(f"ort backend stage {k}", f"ONNX Runtime cannot load '{os.path.basename(path)}' ({exc}). "
+                                "Recompile the bundle with 'dmpo-edge compile'") from None
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        prev = getattr(self._exclusive, "on", False)
+        self._exclusive.on = True
+        try:
+            yield self
+        finally:
+            self._exclusive.on = prev
+
+    def _session_for(self, k: int, rows: int):
+        """The wide session when this thread is inside exclusive() and the call holds enough work."""
+        if (self.wide_sessions and getattr(self._exclusive, "on", False)
+                and rows * self._stage_flops[k] >= self.exclusive_min_mflops * 1e6):
+            return self.wide_sessions[k]
+        return self.sessions[k]
 
     def _check_io(self, k: int, sess) -> None:
         ins = [i.name for i in sess.get_inputs()]
@@ -111,19 +160,20 @@ class OrtBackend(Backend):
 
     def _deactivate_impl(self) -> None:
         self.sessions = []
+        self.wide_sessions = []
 
     def _feed_dtype(self, k: int, name: str):
         spec = tensor_spec(self.bundle, k, name)
         return np.dtype(spec["dtype"]) if spec else None
 
     def _infer_impl(self, k: int, feeds: dict, keep_features: bool) -> dict:
-        sess = self.sessions[k]
         if k == 0:
             x = feeds["input"]
             dt = self._feed_dtype(0, "input") or np.float32
             host = {"input": np.ascontiguousarray(x, dtype=dt)}
         else:
             host = {"keep_idx": np.ascontiguousarray(feeds["keep_idx"], dtype=np.int32)}
+        sess = self._session_for(k, int(next(iter(host.values())).shape[0]))
         if not self.on_device:
             if k > 0:
                 f = feeds["features"]
