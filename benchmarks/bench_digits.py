@@ -27,6 +27,7 @@ import sys
 from dmpo_edge.bundle import Bundle, sha256_file
 from dmpo_edge.cli import main as cli
 from dmpo_edge.errors import DmpoEdgeError
+from dmpo_edge.runtime.bench import threads_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "out", "digits_model.pt")
@@ -218,11 +219,13 @@ def render(reports: dict, sweeps: dict, plots: dict) -> str:
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
         "- backend: ONNX Runtime CPU (" + "; ".join(f"{p}: {' '.join(r['backend']['detail'].get('files') or [])}"
                                                 for p, r in reports.items()) + "), "
-        f"{first['backend']['detail'].get('threads')} intra-op thread(s) per stage session; pipeline "
+        f"intra-op threads: {threads_text(first['backend']['detail'])}; pipeline "
         + ", ".join(f"{k}={val}" for k, val in first["backend"]["pipeline"].items()),
         f"- data: {first['data']['source']} ({first['data']['samples']} images); warm-up {first['settings']['warmup_ms']:g} ms, "
         f">= {first['settings']['iterations']} iterations and >= {first['settings']['duration_s']:g} s per batch size, "
-        "early exit and static interleaved",
+        "early exit and static interleaved"
+        + (", each timed one-batch call after one untimed settle call of its own configuration (on the previous batch)"
+           if first["settings"].get("settle") else ""),
     ]
     for p, t in th.items():
         lines.append(f"- {p} thresholds: {', '.join(f'{x:.4g}' for x in t['values'])} ({t['source']})")

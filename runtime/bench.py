@@ -31,7 +31,7 @@ from .bench_stats import TRTEXEC_PERCENTILES, expected_cost, ideal_speedup, summ
 
 __all__ = [
     "DEFAULT_WARMUP_MS", "DEFAULT_DURATION_S", "DEFAULT_ITERATIONS", "DEFAULT_SWEEP_BUDGETS",
-    "parse_batch_list", "parse_float_list", "parse_thresholds", "Runner", "interleave", "BenchSettings",
+    "parse_batch_list", "parse_float_list", "parse_thresholds", "Runner", "interleave", "BenchSettings", "threads_text",
     "batches_of", "bench_batch", "run_benchmark", "host_overhead", "format_report", "plot_sweep", "machine_info",
 ]
 
@@ -555,10 +555,20 @@ def _dist(v) -> str:
     return "-" if v is None else " ".join(f"{x:.3f}" for x in v)
 
 
+def threads_text(detail: dict) -> str:
+    """``"1 thread(s) per stage session (2 for one batch in the calling thread, stage calls >= 64 MFLOPs)"``."""
+    if not detail.get("threads"):
+        return ""
+    text = f"{detail['threads']} thread(s) per stage session"
+    if detail.get("exclusive_threads"):
+        text += (f" ({detail['exclusive_threads']} for one batch in the calling thread, stage calls >= "
+                 f"{detail.get('exclusive_min_mflops') or 0:g} MFLOPs)")
+    return text
+
+
 def _backend_line(be: dict) -> str:
     d = be.get("detail") or {}
-    parts = [p for p in (", ".join(d.get("providers") or []), f"{d['threads']} threads" if d.get("threads") else "",
-                         " ".join(d.get("files") or [])) if p]
+    parts = [p for p in (", ".join(d.get("providers") or []), threads_text(d), " ".join(d.get("files") or [])) if p]
     pipe = be.get("pipeline") or {}
     if pipe:
         parts.append("pipeline " + ", ".join(f"{k}={v}" for k, v in pipe.items()))

@@ -1,6 +1,8 @@
 """The early-exit pipeline: batches flow through stage workers, exits leave, survivors regroup on the device.
 
-One worker thread per stage. A *group* is the unit of work: some rows of one or more submitted batches
+One worker thread per stage; stage 0, which every sample passes and where most leave, has one per
+batch in flight when the backend takes concurrent calls (ONNX Runtime), so that batches in flight
+keep every core busy there too. A *group* is the unit of work: some rows of one or more submitted batches
 plus the previous stage's ``features`` and a ``keep_idx`` naming the surviving rows in it. Stage k runs
 the group, reads N confidences (never the features), writes the results of the rows that exit and hands
 the survivors (``keep_idx`` = their positions in this stage's output) to stage k+1. While stage k+1
@@ -13,8 +15,10 @@ other. With a single batch there is nothing to overlap, and handing the batch to
 and waiting to be woken again cost two thread wake-ups per call (on a loaded 2-core host: 2.1 ms for
 the ONNX Runtime call, 6.2 ms through the workers, batch 8). The same ``_run_group`` does the work on
 both paths, so exits, classes and order are identical; ``submit`` / ``results`` streaming and larger
-inputs keep the in-flight workers. A per-stage lock keeps one caller per stage engine at a time
-(TensorRT contexts and staging buffers are per stage), whichever path the group came from.
+inputs keep the in-flight workers. For backends whose stage engines take one call at a time (TensorRT:
+a context and staging buffers per stage) a per-stage lock keeps it so, whichever path the group came
+from. Inside the caller-thread path the backend may use the whole machine (``Backend.exclusive``:
+ONNX Runtime switches to sessions with all cores for stage calls with enough work).
 
 Shapes: ``buckets`` pads a group up to the next bucket size by repeating its last ``keep_idx`` (the
 padded rows' results are dropped), so an engine sees a few shapes only; ``refill`` merges a shrunken
@@ -232,10 +236,19 @@ class Pipeline:
         self._closed = False
         self._upstream = [0] * self.num_stages  # groups queued for or running in stages < k (refill waits on them)
         self._queues = [queue.Queue() for _ in range(self.num_stages)]
-        # one caller per stage engine at a time: a worker and a caller-thread run may meet at a stage
-        self._stage_locks = [threading.Lock() for _ in range(self.num_stages)]
-        self._workers = [threading.Thread(target=self._worker, args=(k,), name=f"dmpo-stage-{k}", daemon=True)
-                         for k in range(self.num_stages)]
+        self._caller_runs = 0  # predict()/run_static() calls running stages in their own thread
+        # Backends whose stage engines take one call at a time (TensorRT: a context and staging buffers per
+        # stage) get a lock per stage: a worker and a caller-thread run may meet there. ONNX Runtime sessions
+        # take concurrent calls, so stage 0 - which every sample passes, and where most leave - gets one
+        # worker per batch in flight: with one, a stream whose samples mostly exit at stage 0 keeps one
+        # core busy and leaves the others idle.
+        concurrent = bool(getattr(backend, "concurrent_calls", False))
+        self._stage_locks = [contextlib.nullcontext() if concurrent else threading.Lock() for _ in range(self.num_stages)]
+        replicas = [max_in_flight if (concurrent and k == 0) else 1 for k in range(self.num_stages)]
+        self._worker_stage = [k for k in range(self.num_stages) for _ in range(replicas[k])]
+        self._workers = [threading.Thread(target=self._worker, args=(k,), daemon=True,
+                                          name=f"dmpo-stage-{k}" + (f".{i}" if i else ""))
+                         for k in range(self.num_stages) for i in range(replicas[k])]
         for w in self._workers:
             w.start()
 
@@ -386,6 +399,7 @@ class Pipeline:
             batch = _Batch(-1, None, x, thr, want_logits, self.num_classes)
             if batch.n:
                 self._in_flight += 1  # submit() from another thread sees it and keeps max_in_flight
+                self._caller_runs += 1  # close() waits for it
             return batch
 
     def _run_in_caller_thread(self, batch: _Batch) -> Results:
@@ -393,6 +407,14 @@ class Pipeline:
             batch.t_done = batch.t_submit
             return batch.results()
         g = _Group([batch], [np.arange(batch.n, dtype=np.int64)])
+        try:
+            return self._caller_stages(batch, g)
+        finally:
+            with self._cv:
+                self._caller_runs -= 1
+                self._cv.notify_all()
+
+    def _caller_stages(self, batch: _Batch, g: _Group) -> Results:
         k = 0
         try:
             lease = getattr(self.backend, "exclusive", contextlib.nullcontext)
@@ -419,8 +441,8 @@ class Pipeline:
                 return
             self._closed = True
             self._cv.notify_all()
-        for q in self._queues:
-            q.put(_STOP)
+        for k in self._worker_stage:  # one stop per worker: stage 0 may have several
+            self._queues[k].put(_STOP)
         for w in self._workers:
             w.join(timeout=30)
         with self._cv:
@@ -428,14 +450,9 @@ class Pipeline:
                 if not b.done.is_set():
                     b.error = DmpoEdgeError("pipeline", "closed before this batch finished")
                     b.done.set()
-        # A caller-thread predict() may be inside a stage: let that call finish before the engines go.
-        for lock in self._stage_locks:
-            lock.acquire()
-        try:
-            self.backend.deactivate()
-        finally:
-            for lock in self._stage_locks:
-                lock.release()
+            # A caller-thread predict() may be inside a stage: let it finish before the engines go.
+            self._cv.wait_for(lambda: self._caller_runs == 0, timeout=30)
+        self.backend.deactivate()
 
     def __enter__(self):
         return self

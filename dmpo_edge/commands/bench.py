@@ -255,6 +255,9 @@ def run(args) -> int:
         be = pipe.backend
         detail = {"class": type(be).__name__, "providers": list(getattr(be, "providers", []) or []),
                   "threads": getattr(be, "threads", None),
+                  # ONNX Runtime: the all-core sessions of one-batch calls in the calling thread, when there are any
+                  "exclusive_threads": getattr(be, "exclusive_threads", None) if getattr(be, "wide_sessions", None) else None,
+                  "exclusive_min_mflops": getattr(be, "exclusive_min_mflops", None) if getattr(be, "wide_sessions", None) else None,
                   "files": [os.path.relpath(f, bundle.path) for f in (getattr(be, "files", []) or [])]}
         result = rb.run_benchmark(pipe, x, labels, settings, thresholds=thresholds, expected=expected,
                                   sweep=sweep_cfgs, progress=lambda m: _say(args, m))

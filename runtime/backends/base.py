@@ -28,6 +28,9 @@ class Backend:
     """Base class: subclasses implement ``_activate_impl``, ``_infer_impl`` and ``_deactivate_impl``."""
 
     name = "base"
+    # Whether one stage may run several calls at once from different threads. False: the pipeline keeps one
+    # caller per stage (TensorRT: an execution context and staging buffers per stage).
+    concurrent_calls = False
 
     def __init__(self, bundle):
         self.bundle = as_bundle(bundle)

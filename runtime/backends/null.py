@@ -19,6 +19,7 @@ class NullBackend(Backend):
     """``features`` are one number per sample (the sample's row in the stage-0 batch), carried through gathers."""
 
     name = "null"
+    concurrent_calls = True  # stateless
 
     def __init__(self, bundle, **_ignored):
         super().__init__(bundle)

@@ -16,7 +16,9 @@ that, splitting an operator across threads costs more than it saves. Measured si
 2-core reference host (``benchmarks/ort_threads.py``, docs/benchmarks.md): all cores made one batch of
 32 through the digits stages 35% faster and one sample 27% slower; one process-wide pool shared by the
 sessions was faster still when the machine was idle, but its spinning cannot be turned off from Python
-and it ran 2-3x slower than per-session pools when other processes shared the cores.
+and it ran 2-4x slower than per-session pools when other processes shared the cores. The second set of
+sessions holds a second copy of the stage weights in memory; an explicit ``threads`` in the pipeline's
+``backend_options`` builds one set only.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class OrtBackend(Backend):
     """
 
     name = "ort"
+    concurrent_calls = True  # InferenceSession.run is thread-safe; IOBinding objects are made per call
 
     def __init__(self, bundle, providers=None, threads: int | None = None, variant: str | None = None,
                  spinning: bool | None = None, exclusive_threads: int | None = None,
