@@ -177,7 +177,7 @@ def test_one_flipped_byte_is_refused_before_any_session(toy_bundle, tmp_path, mo
     spy = _SessionSpy(monkeypatch)
     with Pipeline.from_bundle(d, backend="ort") as p:  # the intact copy runs (and the spy sees its sessions)
         p.predict(tb.inputs(4))
-    assert len(spy.created) == 3
+    assert len(set(spy.created)) == 3  # every stage file (twice where the one-batch path has all-core sessions)
     spy.created.clear()
     _flip_byte(os.path.join(d, target))
     with pytest.raises(DmpoEdgeError, match="sha256"):
