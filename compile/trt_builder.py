@@ -15,7 +15,6 @@ atomically (a temp folder renamed into place). Written against the TensorRT 10.x
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import shutil
 import sys
@@ -24,6 +23,7 @@ import time
 
 from .._lazy import available, require
 from ..bundle import Bundle, replace_directory, sha256_file, write_json_atomic
+from ..engines import read_engines_json
 from ..errors import DmpoEdgeError
 from .trt_settings import (
     DEFAULT_WORKSPACE_MIB, ENGINES_DIR, ENGINES_FORMAT, ENGINES_JSON, TIMING_CACHE, build_settings,
@@ -71,16 +71,6 @@ def tensorrt_ready() -> tuple:
     except Exception as exc:  # no driver, no device, broken CUDA: this is not a target
         return False, f"no usable CUDA GPU ({getattr(exc, 'message', exc)})"
     return True, ""
-
-
-def read_engines_json(d: str) -> dict | None:
-    p = os.path.join(d, ENGINES_JSON)
-    try:
-        with open(p) as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-    return meta if isinstance(meta, dict) else None
 
 
 def _logger(trt, verbose: bool):

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 
 from packaging.version import Version
 
+from ..engines import ENGINES_DIR, ENGINES_FORMAT, ENGINES_JSON, TIMING_CACHE, device_key, slug, sm_text
 from ..errors import DmpoEdgeError
 
 __all__ = [
@@ -27,27 +27,8 @@ __all__ = [
     "ENGINES_FORMAT",
 ]
 
-ENGINES_DIR = "engines"
-ENGINES_JSON = "engines.json"
-TIMING_CACHE = "timing.cache"
-ENGINES_FORMAT = "dmpo-edge-engines"
 #: 1 GiB of builder workspace: leaves room on an 8 GB Jetson (memory is shared with the CPU) for the runtime
 DEFAULT_WORKSPACE_MIB = 1024
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9.]+", "_", str(text).lower()).strip("_")
-
-
-def sm_text(sm) -> str:
-    """Compute capability as digits: (8, 7), "8.7", "87" and "sm87" all give "87"."""
-    text = "".join(str(int(v)) for v in sm) if isinstance(sm, (tuple, list)) else str(sm).replace(".", "")
-    return text[2:] if text.startswith("sm") else text
-
-
-def device_key(trt_version: str, gpu_name: str, sm, precision: str) -> str:
-    """``10.3.0-nvidia_jetson_orin-sm87-int8``: engines are specific to all four."""
-    return f"{slug(trt_version)}-{slug(gpu_name)}-sm{sm_text(sm)}-{slug(precision)}"
 
 
 def _version(v) -> Version:

@@ -26,10 +26,8 @@ was built for this TensorRT version and GPU - the fix is ``dmpo-edge build BUNDL
 
 from __future__ import annotations
 
-import json
 import os
 import queue
-import re
 import threading
 
 import numpy as np
@@ -39,27 +37,11 @@ from ...bundle import safe_join, sha256_file
 from ...errors import DmpoEdgeError
 from .._common import as_bundle, stage_features_input
 from .base import Backend
+from ...engines import ENGINES_DIR, device_key, read_engines_json
 
 __all__ = ["TrtBackend", "trt_ready", "device_key", "find_engines", "this_device_key"]
 
-ENGINES_DIR = "engines"
-ENGINES_JSON = "engines.json"
 _POOL_TIMEOUT_S = 120.0
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9.]+", "_", str(text).lower()).strip("_")
-
-
-def _sm_text(sm) -> str:
-    """Compute capability as digits: (8, 7), "8.7", "87" and "sm87" all give "87"."""
-    text = "".join(str(int(v)) for v in sm) if isinstance(sm, (tuple, list)) else str(sm).replace(".", "")
-    return text[2:] if text.startswith("sm") else text
-
-
-def device_key(trt_version: str, gpu_name: str, sm, precision: str) -> str:
-    """``10.3.0-nvidia_jetson_orin-sm87-int8``: engines are specific to all four (the builder uses the same formula)."""
-    return f"{_slug(trt_version)}-{_slug(gpu_name)}-sm{_sm_text(sm)}-{_slug(precision)}"
 
 
 def this_device_key(precision: str, device=None) -> str:
@@ -71,18 +53,6 @@ def this_device_key(precision: str, device=None) -> str:
     return device_key(trt.__version__, info["gpu"], info["sm"], precision)
 
 
-def _read_engines_json(d: str) -> dict | None:
-    p = os.path.join(d, ENGINES_JSON)
-    if not os.path.isfile(p):
-        return None
-    try:
-        with open(p) as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-    return meta if isinstance(meta, dict) else None
-
-
 def find_engines(bundle, key: str) -> tuple:
     """``(engines folder, engines.json)`` built for ``key``, or a DmpoEdgeError naming ``dmpo-edge build``."""
     b = as_bundle(bundle, verify=False)
@@ -91,7 +61,7 @@ def find_engines(bundle, key: str) -> tuple:
     if os.path.isdir(root):
         for name in sorted(os.listdir(root)):
             d = os.path.join(root, name)
-            meta = _read_engines_json(d) if os.path.isdir(d) else None
+            meta = read_engines_json(d) if os.path.isdir(d) else None
             if meta is None:
                 continue
             k = str(meta.get("device_key", name))
@@ -190,7 +160,7 @@ class TrtBackend(Backend):
         self.dev = get_device(self.device_impl)
         self.key = this_device_key(self.bundle.precision, self.dev)
         if self.engines_dir:
-            d, meta = self.engines_dir, _read_engines_json(self.engines_dir) or {}
+            d, meta = self.engines_dir, read_engines_json(self.engines_dir) or {}
         else:
             d, meta = find_engines(self.bundle, self.key)
         stale = meta.get("bundle_stage_sha256")
