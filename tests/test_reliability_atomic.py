@@ -78,10 +78,10 @@ def good(tmp_path_factory):
     return {"dir": str(d), "bundle": bundle, "b_pt": b, "x": x, "state": st, "pred": pred, "stage": stage}
 
 
-def _assert_old_and_usable(g) -> None:
-    st = _state(g["bundle"])
+def _assert_old_and_usable(g, path) -> None:
+    st = _state(path)
     assert st == g["state"], "the bundle changed although the run that changed it was killed"
-    pred, stage = _classify(g["bundle"], g["x"], st["thresholds"])
+    pred, stage = _classify(path, g["x"], st["thresholds"])
     np.testing.assert_array_equal(pred, g["pred"])
     np.testing.assert_array_equal(stage, g["stage"])
 
@@ -126,20 +126,24 @@ def _temp_has(parent, base, name=None, after_s=0.0):
     return ready
 
 
-def test_compile_killed_at_any_phase_leaves_the_old_bundle(good):
-    parent, base = os.path.split(good["bundle"])
-    cmd = [PY, "-m", "dmpo_edge", "compile", good["b_pt"], "-o", good["bundle"], "--force", "--quiet", "--build", "never",
+def test_compile_killed_at_any_phase_leaves_the_old_bundle(good, tmp_path):
+    import shutil
+
+    target = str(tmp_path / "bundle")  # a copy: a compile that wins the race must not change the shared bundle
+    shutil.copytree(good["bundle"], target)
+    parent, base = os.path.split(target)
+    cmd = [PY, "-m", "dmpo_edge", "compile", good["b_pt"], "-o", target, "--force", "--quiet", "--build", "never",
            "--exporter", "torchscript"]
     outcomes = []
     # while exporting (temp folder just made) / while the new bundle's files are written / right before the swap
-    for point, after in ((None, 1.0), ("stage_1.onnx", 0.0), ("manifest.json", 0.0)):
+    for point, after in ((None, 0.0), ("stage_1.onnx", 0.0), ("manifest.json", 0.0)):
         outcome = _kill_when(cmd, _temp_has(parent, base, point, after), tmpdir=os.path.join(good["dir"], "tmp"))
         outcomes.append(outcome)
         if outcome == "finished":  # the compile beat the kill: then it must be entirely the new bundle
-            st = _state(good["bundle"])
+            st = _state(target)
             assert st["sha"] != good["state"]["sha"] and st["thresholds"] is None
             return
-        _assert_old_and_usable(good)
+        _assert_old_and_usable(good, target)
     assert outcomes.count("killed") == 3
 
 
