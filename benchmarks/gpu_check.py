@@ -108,7 +108,7 @@ IMPORT_MODE = _bootstrap_imports()
 if HERE not in sys.path:
     sys.path.insert(0, HERE)  # the helper modules beside this script
 
-from dmpo_edge._lazy import available, require  # noqa: E402
+from dmpo_edge._lazy import available, installed_version, require  # noqa: E402
 from dmpo_edge.bundle import Bundle  # noqa: E402
 from dmpo_edge.errors import DmpoEdgeError  # noqa: E402
 
@@ -196,15 +196,6 @@ class Report:
 # ----------------------------------------------------------------------------------------------------------
 # environment, pycuda from the kit, extra wheels
 # ----------------------------------------------------------------------------------------------------------
-def _version(dist: str):
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def find_cuda_toolkit() -> dict:
     """nvcc and cuda.h: what building pycuda needs (CUDA_HOME / CUDA_PATH, PATH, /usr/local/cuda*)."""
     cands = []
@@ -229,7 +220,7 @@ def environment(args, cuda: dict) -> dict:
     env = {
         "python": sys.version.split()[0], "platform": platform.platform(), "machine": platform.machine(),
         "dmpo_edge_import": IMPORT_MODE, "numpy": np.__version__,
-        "packages": {d: _version(d) for d in ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "pycuda",
+        "packages": {d: installed_version(d) for d in ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "pycuda",
                                                "cuda-python", "cuda-bindings", "cupy-cuda12x", "cupy-cuda13x",
                                                "nvidia-modelopt", "scikit-learn")},
         "cuda": cuda, "toolkit": find_cuda_toolkit(),
@@ -1134,7 +1125,7 @@ def main(argv=None) -> int:
     try:
         # ---- pycuda -------------------------------------------------------------------------------------
         if available("pycuda.driver"):
-            report.add("pycuda", "pycuda", "-", INFO, f"pycuda {_version('pycuda')} imports")
+            report.add("pycuda", "pycuda", "-", INFO, f"pycuda {installed_version('pycuda')} imports")
         else:
             skip = (f"dry run: {pycuda_plan(args.kit)}" if args.dry_run else
                     "--install-pycuda never" if args.install_pycuda == "never" else None)

@@ -17,14 +17,14 @@ import numpy as np
 
 from .._lazy import require
 from ..errors import DmpoEdgeError
-from ..preprocess import to_rgb_uint8
+# re-exported: the image-file helpers are shared with the runtime's folder source
+from ..images import IMAGE_EXTENSIONS, list_images, load_image
 
 __all__ = [
     "Dataset", "load_dataset", "load_image", "list_images", "IMAGE_EXTENSIONS", "SPLITS", "split_indices",
     "write_image_folder",
 ]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 SPLITS = {"train": 0.6, "val": 0.2, "test": 0.2}
 
 
@@ -87,27 +87,6 @@ def _digits(split: str | None) -> Dataset:
     idx = np.arange(len(labels)) if split is None else split_indices(labels, split)
     images = [np.repeat(imgs[i][:, :, None], 3, axis=2) for i in idx]
     return Dataset(images, labels[idx], [str(i) for i in range(10)], "digits" + (f":{split}" if split else ""))
-
-
-def load_image(path: str) -> np.ndarray:
-    """Decode one file to H x W x 3 uint8 (grey, palette and alpha images are converted)."""
-    Image = require("PIL.Image", "decoding images")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode not in ("RGB", "L"):
-                im = im.convert("RGB")
-            arr = np.asarray(im)
-    except Exception as exc:  # PIL raises many types for corrupt files; all mean "unreadable"
-        raise DmpoEdgeError(f"image {path}", f"cannot decode ({type(exc).__name__}: {exc}). Expected a readable image file") from None
-    return to_rgb_uint8(arr, where=f"image {path}")
-
-
-def list_images(folder: str) -> list:
-    return sorted(
-        os.path.join(folder, f) for f in os.listdir(folder)
-        if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f))
-    )
 
 
 def _folder(root: str, labelled: bool) -> Dataset:

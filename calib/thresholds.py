@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import DmpoEdgeError
+from ..runtime.bench_stats import first_exits
 
 __all__ = [
     "NEVER_EXIT", "SWEEP_P", "MIN_SAMPLES_PER_EXIT", "OperatingPoint", "assign_exits", "evaluate_thresholds",
@@ -122,16 +123,8 @@ def _as_thresholds(thresholds, k: int) -> np.ndarray:
 def assign_exits(confidence, thresholds) -> np.ndarray:
     """Exit stage of every sample: the first k < K-1 with ``confidence[k] >= thresholds[k]``, else K-1."""
     conf = np.asarray(confidence)
-    k_stages, n = conf.shape
-    t = _as_thresholds(thresholds, k_stages)
-    exit_stage = np.full(n, k_stages - 1, dtype=np.int64)
-    undecided = np.ones(n, dtype=bool)
-    for k in range(k_stages - 1):
-        # float32 confidences compare exactly against float64 thresholds taken from them.
-        leave = undecided & (conf[k] >= t[k])
-        exit_stage[leave] = k
-        undecided &= ~leave
-    return exit_stage
+    # float32 confidences compare exactly against float64 thresholds taken from them.
+    return first_exits(conf, _as_thresholds(thresholds, conf.shape[0]))
 
 
 def _point(exit_stage, correct, flops, thresholds, meta=None) -> OperatingPoint:

@@ -137,14 +137,23 @@ def _ort_symmetric(src: str, dst: str, feeds: list, exclude: list, method: str) 
         )
 
 
+@contextlib.contextmanager
+def _named_copy(src: str, prefix: str):
+    """Path of a temporary copy of ``src`` with every node named (the quantizers select nodes by name);
+    removed on exit."""
+    model = ensure_node_names(load_model(src))
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield save_model(model, os.path.join(tmp, "named.onnx"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def quantize_tensorrt_form(src: str, dst: str, feeds: list, exclude=(), method: str = "entropy", tool: str = "auto") -> str:
     """Symmetric INT8 Q/DQ form of ``src`` at ``dst``; returns the tool that ran."""
     if method not in CALIB_METHODS:
         raise DmpoEdgeError("int8", f"unknown calibration method '{method}'. Expected one of {', '.join(CALIB_METHODS)}")
-    model = ensure_node_names(load_model(src))
-    tmp = tempfile.mkdtemp(prefix="dmpo-int8-")
-    try:
-        named = save_model(model, os.path.join(tmp, "named.onnx"))
+    with _named_copy(src, "dmpo-int8-") as named:
         order = ["modelopt", "onnxruntime"] if tool == "auto" else [tool]
         errors = []
         for name in order:
@@ -162,8 +171,6 @@ def quantize_tensorrt_form(src: str, dst: str, feeds: list, exclude=(), method: 
             except Exception as exc:  # fall back to the next quantizer, report all if none works
                 errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         raise DmpoEdgeError("int8", "no INT8 quantizer worked (" + "; ".join(errors) + "). Install 'dmpo-edge[quant]'")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def quantize_cpu_form(src: str, dst: str, feeds: list, exclude=(), fmt: str = "QDQ", method: str = "max") -> None:
@@ -171,21 +178,15 @@ def quantize_cpu_form(src: str, dst: str, feeds: list, exclude=(), fmt: str = "Q
     q = require("onnxruntime.quantization", "INT8 CPU form")
     if fmt not in CPU_FORMATS:
         raise DmpoEdgeError("int8", f"unknown CPU format '{fmt}'. Expected one of {', '.join(CPU_FORMATS)}")
-    model = ensure_node_names(load_model(src))
-    tmp = tempfile.mkdtemp(prefix="dmpo-int8cpu-")
-    try:
-        named = save_model(model, os.path.join(tmp, "named.onnx"))
-        with quiet_tools():
-            q.quantize_static(
-                named, dst, make_reader(feeds),
-                quant_format=q.QuantFormat.QDQ if fmt == "QDQ" else q.QuantFormat.QOperator,
-                op_types_to_quantize=CPU_OPS, per_channel=True, activation_type=q.QuantType.QUInt8,
-                weight_type=q.QuantType.QInt8, nodes_to_exclude=list(exclude),
-                calibrate_method=_ort_method("max" if method == "entropy" else method),
-                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, "MatMulConstBOnly": True},
-            )
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with _named_copy(src, "dmpo-int8cpu-") as named, quiet_tools():
+        q.quantize_static(
+            named, dst, make_reader(feeds),
+            quant_format=q.QuantFormat.QDQ if fmt == "QDQ" else q.QuantFormat.QOperator,
+            op_types_to_quantize=CPU_OPS, per_channel=True, activation_type=q.QuantType.QUInt8,
+            weight_type=q.QuantType.QInt8, nodes_to_exclude=list(exclude),
+            calibrate_method=_ort_method("max" if method == "entropy" else method),
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, "MatMulConstBOnly": True},
+        )
 
 
 def image_layer_nodes(model, image_input: str = "input") -> list:

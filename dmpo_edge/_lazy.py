@@ -12,7 +12,7 @@ import types
 
 from .errors import DmpoEdgeError
 
-__all__ = ["require", "available"]
+__all__ = ["require", "available", "installed_version"]
 
 # module -> (extra that installs it, how to get it when pip cannot)
 _PROVIDERS = {
@@ -62,3 +62,13 @@ def require(name: str, purpose: str | None = None) -> types.ModuleType:
             f"import {name}",
             f"'{name}' is needed{need} but is not installed ({exc}). Install it: {how}",
         ) from None
+
+
+def installed_version(dist: str) -> str | None:
+    """Version of the installed distribution ``dist`` (pip name) without importing it; None when absent."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None

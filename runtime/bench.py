@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from .._lazy import require
+from .._lazy import installed_version, require
 from ..errors import DmpoEdgeError
 from .bench_stats import TRTEXEC_PERCENTILES, expected_cost, ideal_speedup, summarize
 
@@ -501,15 +501,6 @@ def host_overhead(bundle, batch_sizes, thresholds=None, settings: BenchSettings 
 
 
 # --- machine and versions -------------------------------------------------------------------------
-def _version(dist: str):
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def machine_info() -> dict:
     """CPU model, cores and library versions (read without importing the heavy packages)."""
     cpu = platform.processor() or platform.machine()
@@ -527,7 +518,7 @@ def machine_info() -> dict:
         usable = os.cpu_count()
     versions = {"python": platform.python_version(), "numpy": np.__version__}
     for dist in ("dmpo-edge", "onnxruntime", "onnxruntime-gpu", "tensorrt", "pycuda", "cuda-python"):
-        v = _version(dist)
+        v = installed_version(dist)
         if v:
             versions[dist] = v
     return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "platform": platform.platform(),

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import DmpoEdgeError
 
 __all__ = [
-    "TRTEXEC_PERCENTILES", "percentile", "median", "summarize", "simulate_exits", "exit_histogram",
+    "TRTEXEC_PERCENTILES", "percentile", "median", "summarize", "simulate_exits", "first_exits", "exit_histogram",
     "expected_cost", "ideal_speedup", "thresholds_for_budget",
 ]
 
@@ -78,14 +78,21 @@ def simulate_exits(confidence: np.ndarray, thresholds) -> np.ndarray:
     everyone left. The same rule as the pipeline's, applied on the host for planning (sweep, expectations).
     """
     conf = np.asarray(confidence, dtype=np.float32)
-    K, n = conf.shape
+    K = conf.shape[0]
     th = np.asarray(thresholds, dtype=np.float32).reshape(-1)
     if th.size != K - 1:
         raise DmpoEdgeError("bench", f"{th.size} thresholds for {K} stages. Expected {K - 1} (one per early exit)")
-    exit_stage = np.full(n, K - 1, dtype=np.int32)
+    return first_exits(conf, th, dtype=np.int32)
+
+
+def first_exits(confidence: np.ndarray, thresholds: np.ndarray, dtype=np.int64) -> np.ndarray:
+    """The exit rule itself, on checked inputs: confidences [K, N] and K-1 thresholds, compared in the
+    dtypes given (callers choose float32 or float64 thresholds); exit stage per sample as ``dtype``."""
+    K, n = confidence.shape
+    exit_stage = np.full(n, K - 1, dtype=dtype)
     alive = np.ones(n, dtype=bool)
     for k in range(K - 1):
-        leave = alive & (conf[k] >= th[k])
+        leave = alive & (confidence[k] >= thresholds[k])
         exit_stage[leave] = k
         alive &= ~leave
     return exit_stage

@@ -572,7 +572,8 @@ class Pipeline:
             exit_mask = np.ones(n, bool)
         else:
             # float64: a threshold just above 1.0 must not round down to 1.0 and let certain samples out.
-            thr = np.repeat(np.array([b.thresholds[k] for b in g.batches], np.float64), seg_len)
+            thr = np.array([b.thresholds[k] for b in g.batches], np.float64)
+            thr = thr[0] if thr.size == 1 else np.repeat(thr, seg_len)  # one batch (the usual case): no per-row copy
             exit_mask = conf.astype(np.float64) >= thr
         n_exit = int(exit_mask.sum())
         with self._stats_lock:
@@ -587,13 +588,16 @@ class Pipeline:
         if not last:
             surv = np.flatnonzero(~exit_mask)
             if surv.size:
-                seg_of = np.repeat(np.arange(len(g.rows)), seg_len)
-                rows_all = np.concatenate(g.rows)
-                s_seg = seg_of[surv]
+                # segments are contiguous and surv is sorted: split it at the segment boundaries
+                ends = np.cumsum(seg_len)
+                cuts = np.searchsorted(surv, ends)
                 batches, rows = [], []
-                for si in np.unique(s_seg):
-                    batches.append(g.batches[si])
-                    rows.append(rows_all[surv[s_seg == si]])
+                lo = 0
+                for b, seg_rows, start, hi in zip(g.batches, g.rows, ends - seg_len, cuts):
+                    if hi > lo:
+                        batches.append(b)
+                        rows.append(seg_rows[surv[lo:hi] - start])
+                    lo = hi
                 nxt = _Group(batches, rows, [out["features"]], surv.astype(np.int32))
                 if hand_on is not None:
                     hand_on(k, nxt)
@@ -605,29 +609,33 @@ class Pipeline:
 
     def _emit(self, k, g, exit_mask, conf, pred, logits, seg_len) -> None:
         start = 0
-        finished = []
+        exited = []  # (batch, rows written)
+        logits = None if logits is None else np.asarray(logits)
         for b, rows, m in zip(g.batches, g.rows, seg_len):
-            sel = exit_mask[start:start + m]
-            if sel.any():
-                r = rows[sel]
-                pos = np.flatnonzero(sel) + start
+            pos = np.flatnonzero(exit_mask[start:start + m])
+            if pos.size:
+                r = rows[pos]
+                pos += start
                 b.prediction[r] = pred[pos]
                 b.confidence[r] = conf[pos]
                 b.exit_stage[r] = k
                 if b.logits is not None:
-                    b.logits[r] = np.asarray(logits)[pos]
-                with self._cv:
-                    b.remaining -= r.shape[0]
-                    if b.remaining == 0 and b.error is None:
-                        finished.append(b)
+                    b.logits[r] = logits[pos]
+                exited.append((b, pos.size))
             start += m
-        if finished:
-            now = time.perf_counter()
-            with self._cv:
-                for b in finished:
+        if not exited:
+            return
+        now = time.perf_counter()
+        with self._cv:  # one lock round for all segments; rows are written before any batch can finish
+            done = False
+            for b, count in exited:
+                b.remaining -= count
+                if b.remaining == 0 and b.error is None:
                     b.t_done = now
                     b.done.set()
                     self._in_flight -= 1
+                    done = True
+            if done:
                 self._cv.notify_all()
 
     def _fail(self, g: _Group, err: Exception) -> None:

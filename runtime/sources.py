@@ -32,12 +32,11 @@ import numpy as np
 
 from .._lazy import available, require
 from ..errors import DmpoEdgeError
-from ..preprocess import to_rgb_uint8
+from ..images import IMAGE_EXTENSIONS, load_image
 
 __all__ = ["Frame", "FrameSource", "open_source", "ImageFolderSource", "VideoSource", "GstLaunchSource",
            "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "is_gstreamer_uri", "opencv_has_gstreamer"]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".wmv", ".flv", ".mjpeg", ".mjpg", ".gif")
 
 
@@ -94,16 +93,7 @@ class FrameSource:
 def _decode_image(path: str) -> np.ndarray:
     """Pillow first (the calibration set's decoder), OpenCV when Pillow is absent."""
     if available("PIL.Image"):
-        Image = require("PIL.Image")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                if im.mode not in ("RGB", "L"):
-                    im = im.convert("RGB")
-                arr = np.asarray(im)
-        except Exception as exc:  # Pillow raises many types for a damaged file; all mean "unreadable"
-            raise DmpoEdgeError(f"image {path}", f"cannot decode ({type(exc).__name__}: {exc}). Expected a readable image file") from None
-        return to_rgb_uint8(arr, where=f"image {path}")
+        return load_image(path)
     cv2 = require("cv2", "decoding images")
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None:

@@ -19,25 +19,35 @@ F = torch.nn.functional
 __all__ = ["LoRALinear", "LoRAConv1x1", "TokenAdapter", "ConvAdapter", "fold_lora", "peft_parameter_names"]
 
 
+def _init_lora(layer, fan_in: int, fan_out: int, rank: int, alpha: float, kernel: tuple = ()) -> None:
+    """Add the low-rank pair ``lora_a`` (random) / ``lora_b`` (zero: the wrapped layer is unchanged at start)."""
+    layer.rank = int(rank)
+    layer.scaling = float(alpha) / layer.rank
+    layer.lora_a = nn.Parameter(torch.empty(layer.rank, fan_in, *kernel))
+    layer.lora_b = nn.Parameter(torch.zeros(fan_out, layer.rank, *kernel))
+    nn.init.kaiming_uniform_(layer.lora_a, a=math.sqrt(5))
+
+
+def _copy_weights(layer, weight, bias):
+    """Copy ``weight`` / ``bias`` into ``layer`` (no autograd history) and return it."""
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
 class LoRALinear(nn.Linear):
     """``W x + b + (alpha / r) * B A x``."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, bias: bool = True):
         super().__init__(in_features, out_features, bias=bias)
-        self.rank = int(rank)
-        self.scaling = float(alpha) / self.rank
-        self.lora_a = nn.Parameter(torch.empty(self.rank, in_features))
-        self.lora_b = nn.Parameter(torch.zeros(out_features, self.rank))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        _init_lora(self, in_features, out_features, rank, alpha)
 
     @classmethod
     def wrap(cls, base, rank: int, alpha: float) -> "LoRALinear":
         layer = cls(base.in_features, base.out_features, rank, alpha, bias=base.bias is not None)
-        with torch.no_grad():
-            layer.weight.copy_(base.weight)
-            if base.bias is not None:
-                layer.bias.copy_(base.bias)
-        return layer
+        return _copy_weights(layer, base.weight, base.bias)
 
     def merged_weight(self):
         return self.weight + torch.matmul(self.lora_b, self.lora_a) * self.scaling
@@ -48,11 +58,7 @@ class LoRALinear(nn.Linear):
 
     def folded(self):
         plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        with torch.no_grad():
-            plain.weight.copy_(self.merged_weight())
-            if self.bias is not None:
-                plain.bias.copy_(self.bias)
-        return plain
+        return _copy_weights(plain, self.merged_weight(), self.bias)
 
 
 class LoRAConv1x1(nn.Conv2d):
@@ -60,20 +66,12 @@ class LoRAConv1x1(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, rank: int, alpha: float, bias: bool = False):
         super().__init__(in_channels, out_channels, 1, bias=bias)
-        self.rank = int(rank)
-        self.scaling = float(alpha) / self.rank
-        self.lora_a = nn.Parameter(torch.empty(self.rank, in_channels, 1, 1))
-        self.lora_b = nn.Parameter(torch.zeros(out_channels, self.rank, 1, 1))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        _init_lora(self, in_channels, out_channels, rank, alpha, kernel=(1, 1))
 
     @classmethod
     def wrap(cls, base, rank: int, alpha: float) -> "LoRAConv1x1":
         layer = cls(base.in_channels, base.out_channels, rank, alpha, bias=base.bias is not None)
-        with torch.no_grad():
-            layer.weight.copy_(base.weight)
-            if base.bias is not None:
-                layer.bias.copy_(base.bias)
-        return layer
+        return _copy_weights(layer, base.weight, base.bias)
 
     def merged_weight(self):
         delta = torch.matmul(self.lora_b.flatten(1), self.lora_a.flatten(1)) * self.scaling
@@ -84,11 +82,7 @@ class LoRAConv1x1(nn.Conv2d):
 
     def folded(self):
         plain = nn.Conv2d(self.in_channels, self.out_channels, 1, bias=self.bias is not None)
-        with torch.no_grad():
-            plain.weight.copy_(self.merged_weight())
-            if self.bias is not None:
-                plain.bias.copy_(self.bias)
-        return plain
+        return _copy_weights(plain, self.merged_weight(), self.bias)
 
 
 class TokenAdapter(nn.Module):
