@@ -58,7 +58,10 @@ def _print_summary(s: dict, as_json: bool) -> None:
     print(f"summary: {s['frames_classified']} frames classified ({s['frames_read']} read, {s['frames_dropped']} dropped, "
           f"{s['mode']}) in {s['elapsed_s']:.2f} s = {s['fps']} FPS on {s['backend']}")
     print(f"  latency ms: mean {lat['mean']:.1f}  p50 {lat['p50']:.1f}  p90 {lat['p90']:.1f}  p99 {lat['p99']:.1f}")
-    print(f"  exits per stage: {exits}  (ideal speed-up {s['ideal_speedup']}x, thresholds {s['thresholds']})")
+    from .calibrate import format_thresholds
+
+    th = format_thresholds(s["thresholds"]) if s.get("thresholds") is not None else "none"
+    print(f"  exits per stage: {exits}  (ideal speed-up {s['ideal_speedup']}x, thresholds {th})")
     if "accuracy" in s:
         print(f"  accuracy on {s['labelled']} labelled frames: {s['accuracy']:.4f}")
     if s.get("skipped"):
