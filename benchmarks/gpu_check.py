@@ -986,18 +986,30 @@ def step_trt(ctx, precision: str) -> None:
     impls = [impl] + (["cuda-python"] if precision == "fp32" and impl == "pycuda" and
                       (available("cuda.bindings.runtime") or available("cuda.cudart")) else [])
     for dev_impl in impls:
-        for variant, extra in (("default", {}), ("refill", {"refill": True, "max_in_flight": a.in_flight + 1})):
+        for variant, extra in (("default", {}), ("refill", {"refill": True, "max_in_flight": a.in_flight + 1}),
+                               ("graphs", {"buckets": "pow2"})):
             def pipe(dev_impl=dev_impl, variant=variant, extra=extra):
                 kw = {"max_in_flight": a.in_flight}
                 kw.update(extra)
-                run = run_pipeline(bundle, TrtBackend(bundle, device=dev_impl, features_buffers=kw["max_in_flight"] + 2),
-                                   ctx.thresholds, ctx.x, ctx.batch, repeats=a.repeats, static=variant == "default", **kw)
+                # graphs: pow2 batch buckets, one CUDA graph per (stage, bucket shape, bound buffers)
+                be = TrtBackend(bundle, device=dev_impl, features_buffers=kw["max_in_flight"] + 2,
+                                cuda_graphs=True if variant == "graphs" else None)
+                run = run_pipeline(bundle, be, ctx.thresholds, ctx.x, ctx.batch, repeats=a.repeats,
+                                   static=variant == "default", **kw)
                 got_conf = [s["confidence"] for s in trt_static["out"]] if trt_static.get("out") else None
                 c = compare_exits({"exit_stage": cpu.exit_stage, "prediction": cpu.prediction, "confidence": cpu.confidence},
                                   run["results"], ctx.thresholds, [s["confidence"] for s in ort_ref], got_conf, band,
                                   max_share=share, ref_logits=[s["logits"] for s in ort_ref])
                 c.update(_timing(ctx, run))
-                c["detail"] = _cmp_detail(c, _timing_text(c)) + f" ({kw['max_in_flight']} in flight, {variant}; vs ORT CPU pipeline)"
+                gs = ""
+                if variant == "graphs":
+                    c["graph_stats"] = be.graph_stats()
+                    gs = ("; graphs: {captured} captured, {launched} launches, {enqueued} enqueues, "
+                          "{capture_failed} failed captures").format(**c["graph_stats"])
+                    if c["graph_stats"]["launched"] == 0 and c["graph_stats"]["capture_failed"] == 0:
+                        c["ok"] = False  # graphs were asked for and never ran
+                c["detail"] = (_cmp_detail(c, _timing_text(c)) + f" ({kw['max_in_flight']} in flight, {variant}; "
+                               f"vs ORT CPU pipeline{gs})")
                 return c
 
             rep.run(f"{key}_pipeline_{dev_impl}_{variant}", f"TensorRT {precision}: early-exit pipeline", f"trt/{dev_impl}", pipe)

@@ -9,7 +9,9 @@ Two implementations behind one interface, chosen by :func:`get_device`:
   releases), which uses the primary context in every thread by itself.
 
 Nothing here launches a kernel: survivors are regrouped by the ``keep_idx`` gather inside the stage
-graph, so the device layer only moves bytes.
+graph, so the device layer only moves bytes - and, for the TensorRT backend's CUDA graphs, captures a
+stream's work into a graph and replays it (``begin_capture`` / ``end_capture`` / ``launch_graph`` /
+``destroy_graph``; capture is thread-local, so other stages' threads keep working meanwhile).
 """
 
 from __future__ import annotations
@@ -71,6 +73,18 @@ class Device:
     def dtoh_async(self, dst: np.ndarray, src: int, stream) -> None: ...
     def dtod_async(self, dst: int, src: int, nbytes: int, stream) -> None: ...
     def close(self) -> None: ...
+
+    # CUDA graphs (stream capture). graphs_supported() False: the caller never captures.
+    def graphs_supported(self) -> bool:
+        return False
+    def begin_capture(self, stream) -> None:
+        """Start capturing ``stream`` (thread-local mode: other threads' CUDA calls are unaffected)."""
+        raise NotImplementedError
+    def end_capture(self, stream):
+        """End the capture and return an instantiated graph (raises when the capture was invalidated)."""
+        raise NotImplementedError
+    def launch_graph(self, graph, stream) -> None: ...
+    def destroy_graph(self, graph) -> None: ...
 
 
 class PycudaDevice(Device):
@@ -144,6 +158,26 @@ class PycudaDevice(Device):
 
     def dtod_async(self, dst, src, nbytes, stream):
         self.cuda.memcpy_dtod_async(int(dst), int(src), int(nbytes), stream)
+
+    def graphs_supported(self):
+        # pycuda >= 2022.1: Stream.begin_capture / end_capture -> Graph, Graph.instantiate -> GraphExec.
+        return hasattr(self.cuda.Stream, "begin_capture") and hasattr(self.cuda.Stream, "end_capture")
+
+    def begin_capture(self, stream):
+        mode = getattr(getattr(self.cuda, "capture_mode", None), "THREAD_LOCAL", None)
+        if mode is None:
+            stream.begin_capture()
+        else:
+            stream.begin_capture(mode)
+
+    def end_capture(self, stream):
+        return stream.end_capture().instantiate()
+
+    def launch_graph(self, graph, stream):
+        graph.launch(stream)
+
+    def destroy_graph(self, graph):
+        pass  # pycuda frees the executable graph when the last reference goes
 
     def close(self):
         with contextlib.suppress(Exception):
@@ -239,6 +273,28 @@ class CudaPythonDevice(Device):
 
     def dtod_async(self, dst, src, nbytes, stream):
         self._copy(dst, src, nbytes, self.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream)
+
+    def graphs_supported(self):
+        return all(hasattr(self.rt, n) for n in ("cudaStreamBeginCapture", "cudaStreamEndCapture",
+                                                 "cudaGraphInstantiate", "cudaGraphLaunch", "cudaGraphExecDestroy"))
+
+    def begin_capture(self, stream):
+        mode = self.rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        self._ok(self.rt.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
+
+    def end_capture(self, stream):
+        # Always called after begin_capture, even when the enqueue failed: it takes the stream out of capture.
+        graph = self._ok(self.rt.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
+        try:
+            return self._ok(self.rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        finally:
+            self.rt.cudaGraphDestroy(graph)  # the executable graph does not need its template
+
+    def launch_graph(self, graph, stream):
+        self._ok(self.rt.cudaGraphLaunch(graph, stream), "cudaGraphLaunch")
+
+    def destroy_graph(self, graph):
+        self.rt.cudaGraphExecDestroy(graph)
 
     def close(self):
         for p in self._pinned:

@@ -225,6 +225,9 @@ class Pipeline:
             raise DmpoEdgeError("pipeline", f"max_in_flight {max_in_flight!r} must be a positive integer")
         self.max_in_flight = max_in_flight
         self.buckets = _check_buckets(buckets, self.max_batch)
+        use = getattr(backend, "use_buckets", None)
+        if use is not None:
+            use(self.buckets)  # TensorRT: one CUDA graph per bucket shape
         self.refill = bool(refill)
         self.refill_wait_s = max(0.0, float(refill_wait_ms)) / 1000.0
         self._stats = [StageStats() for _ in range(self.num_stages)]

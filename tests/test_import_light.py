@@ -24,7 +24,7 @@ def test_import_and_help_with_heavy_packages_blocked():
     r = _run(
         "import dmpo_edge, dmpo_edge.runtime, dmpo_edge.calib, dmpo_edge.compile, dmpo_edge.bundle, dmpo_edge.engines\n"
         "import dmpo_edge.calib.thresholds, dmpo_edge.calib.evaluate, dmpo_edge.calib.plots, dmpo_edge.calib.datasets\n"
-        "import dmpo_edge.images, dmpo_edge.runtime.sources\n"
+        "import dmpo_edge.images, dmpo_edge.runtime.sources, dmpo_edge.runtime.backends.trt_graphs\n"
         "import dmpo_edge.commands.calibrate, dmpo_edge.commands.eval_\n"
         "import dmpo_edge.runtime.bench, dmpo_edge.runtime.bench_stats, dmpo_edge.commands.bench\n"
         "import dmpo_edge.compile.compiler, dmpo_edge.compile.trt_builder, dmpo_edge.compile.trt_settings\n"

@@ -212,3 +212,153 @@ def test_trt_event_timings_one_record_per_stage_call(trt_toy, device):
         be.record_timings = False
         p.predict(x[:20])
         assert be.pop_event_timings() == []
+
+
+# --- CUDA graphs: host-side bookkeeping (CPU) -----------------------------------------------------
+class _GraphDevice:
+    """The four graph calls of the device layer, recording what happened (stands in for a GPU)."""
+
+    def __init__(self, capture_ok=True):
+        self.capture_ok, self.calls, self.live, self.capturing, self.n = capture_ok, [], set(), False, 0
+
+    def begin_capture(self, stream):
+        self.capturing = True
+        self.calls.append("begin")
+
+    def end_capture(self, stream):
+        self.capturing = False
+        self.calls.append("end")
+        if not self.capture_ok:
+            raise RuntimeError("capture invalidated")
+        self.n += 1
+        self.live.add(self.n)
+        return self.n
+
+    def launch_graph(self, graph, stream):
+        assert graph in self.live
+        self.calls.append(("launch", graph))
+
+    def destroy_graph(self, graph):
+        self.live.discard(graph)
+
+
+def _enqueue(dev, ok=True):
+    def run():
+        dev.calls.append("capture-enqueue" if dev.capturing else "enqueue")
+        return ok
+    return run
+
+
+def test_graph_key_covers_shapes_and_addresses_order_free():
+    from dmpo_edge.runtime.backends.trt_graphs import graph_key
+
+    a = graph_key(7, 1, 0, {"features": (8, 16), "keep_idx": (8,)}, {"keep_idx": 100, "features": 200})
+    assert a == graph_key(7, 1, 0, {"keep_idx": (8,), "features": (8, 16)}, {"features": 200, "keep_idx": 100})
+    assert a != graph_key(7, 1, 0, {"features": (8, 16), "keep_idx": (16,)}, {"keep_idx": 100, "features": 200})
+    assert a != graph_key(7, 1, 0, {"features": (8, 16), "keep_idx": (8,)}, {"keep_idx": 100, "features": 300})
+    assert a != graph_key(8, 1, 0, {"features": (8, 16), "keep_idx": (8,)}, {"keep_idx": 100, "features": 200})
+    assert a != graph_key(7, 1, 1, {"features": (8, 16), "keep_idx": (8,)}, {"keep_idx": 100, "features": 200})
+
+
+def test_graph_cache_enqueues_once_then_captures_then_replays():
+    from dmpo_edge.runtime.backends.trt_graphs import GraphCache
+
+    dev = _GraphDevice()
+    gc = GraphCache(dev)
+    for _ in range(4):
+        assert gc.run("k8", "s", _enqueue(dev)) is True
+    assert dev.calls == ["enqueue", "begin", "capture-enqueue", "end", ("launch", 1), ("launch", 1), ("launch", 1)]
+    dev.calls.clear()
+    assert gc.run("k16", "s", _enqueue(dev)) and gc.run("k16", "s", _enqueue(dev))  # another bucket: its own graph
+    assert dev.calls == ["enqueue", "begin", "capture-enqueue", "end", ("launch", 2)]
+    assert gc.num_graphs == 2 and gc.counts == {"enqueued": 2, "captured": 2, "launched": 4, "capture_failed": 0}
+    gc.release()
+    assert dev.live == set() and gc.num_graphs == 0
+
+
+def test_graph_cache_remembers_a_failed_capture_and_keeps_enqueueing():
+    from dmpo_edge.runtime.backends.trt_graphs import GraphCache
+
+    for dev, enq_ok_in_capture in ((_GraphDevice(capture_ok=False), True), (_GraphDevice(), False)):
+        gc = GraphCache(dev)
+
+        def enqueue():  # TensorRT refuses to enqueue while capturing (e.g. data-dependent shapes)
+            dev.calls.append("capture-enqueue" if dev.capturing else "enqueue")
+            return enq_ok_in_capture or not dev.capturing
+
+        ok = [gc.run("k", "s", enqueue) for _ in range(4)]
+        assert all(ok)
+        assert dev.calls == ["enqueue", "begin", "capture-enqueue", "end", "enqueue", "enqueue", "enqueue"]
+        assert gc.counts["capture_failed"] == 1 and gc.num_graphs == 0 and dev.live == set()
+        assert not dev.capturing  # the stream always leaves capture mode
+
+
+def test_graph_cache_limit_and_a_failed_enqueue_is_not_warmed():
+    from dmpo_edge.runtime.backends.trt_graphs import GraphCache
+
+    dev = _GraphDevice()
+    gc = GraphCache(dev, max_graphs=1)
+    assert gc.run("a", "s", _enqueue(dev, ok=False)) is False  # a failing enqueue is reported, never captured next
+    for key in ("a", "a", "b", "b", "b"):
+        assert gc.run(key, "s", _enqueue(dev))
+    assert gc.num_graphs == 1 and gc.counts["launched"] == 1
+    assert dev.calls[-2:] == ["enqueue", "enqueue"]  # "b" beyond the limit: plain enqueue
+
+
+def test_cuda_graphs_follow_buckets_unless_forced(toy_bundle):
+    path = toy_bundle(num_stages=2, seed=21).path
+    be = TrtBackend(path)
+    assert be.graphs_enabled is False and be.graph_stats()["graphs"] == 0
+    be.use_buckets((1, 2, 4))
+    assert be.graphs_enabled is True
+    be.use_buckets(None)
+    assert be.graphs_enabled is False
+    forced_off = TrtBackend(path, cuda_graphs=False)
+    forced_off.use_buckets((1, 2, 4))
+    assert forced_off.graphs_enabled is False
+    assert TrtBackend(path, cuda_graphs=True).graphs_enabled is True
+
+
+def test_pipeline_hands_its_buckets_to_the_backend(toy_bundle):
+    from dmpo_edge.runtime.backends.ort import OrtBackend
+    from dmpo_edge.runtime.pipeline import Pipeline
+
+    tb = toy_bundle(num_stages=2, seed=21)
+    seen = []
+
+    class Recording(OrtBackend):
+        def use_buckets(self, buckets):
+            seen.append(buckets)
+
+    for buckets in (None, "pow2"):
+        with Pipeline.from_bundle(tb.path, backend=Recording(tb.path), thresholds=[0.5], buckets=buckets) as p:
+            assert seen[-1] == p.buckets
+    assert seen[0] is None and seen[1] == (1, 2, 4, 8, 16, 32, 64)
+
+
+@pytest.mark.parametrize("device", ["pycuda", "cuda-python"])
+@pytest.mark.gpu
+@pytest.mark.skipif(_GPU_SKIP is not None, reason=str(_GPU_SKIP))
+def test_trt_cuda_graphs_with_buckets_match_reference(trt_toy, device):
+    if device == "pycuda" and not available("pycuda.driver"):
+        pytest.skip("pycuda is not installed")
+    if device == "cuda-python" and not (available("cuda.bindings.runtime") or available("cuda.cudart")):
+        pytest.skip("cuda-python is not installed")
+    from dmpo_edge.runtime.pipeline import Pipeline
+
+    x = trt_toy.inputs(150, seed=5)
+    ref_all = trt_toy.reference(x)
+    thr = [float(np.quantile(ref_all[0]["confidence"], 0.5)) + 1e-4, float(np.quantile(ref_all[1]["confidence"], 0.5)) + 1e-4]
+    e = trt_toy.early_exit(x, thr)
+    with Pipeline.from_bundle(trt_toy.path, backend="trt", thresholds=thr, buckets="pow2",
+                              backend_options={"device": device}) as p:
+        assert p.backend.graphs_enabled
+        for _ in range(3):  # enqueue, capture, replay
+            r = p.predict(x, batch_size=20, return_logits=True)
+            np.testing.assert_array_equal(r.exit_stage, e["exit_stage"])
+            np.testing.assert_array_equal(r.prediction, e["prediction"])
+            np.testing.assert_allclose(r.logits, e["logits"], rtol=1e-3, atol=1e-3)
+        gs = p.backend.graph_stats()
+        if p.backend.dev.graphs_supported():
+            assert gs["captured"] + gs["capture_failed"] > 0
+            assert gs["launched"] > 0 or gs["capture_failed"] > 0

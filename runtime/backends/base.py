@@ -79,6 +79,9 @@ class Backend:
         """A ``features`` value returned with ``keep_features=True`` -> numpy (for tests and calibration)."""
         return features
 
+    def use_buckets(self, buckets) -> None:
+        """The pipeline's batch buckets (a tuple of sizes, or None): a backend may tune for them (TensorRT: CUDA graphs)."""
+
     def release(self, features) -> None:
         """Give back a device features buffer returned with ``keep_features=True`` (no-op on the host)."""
 

@@ -19,6 +19,12 @@ stream - before the copy-in (after any wait on the previous stage), after it, af
 per call. The events are read after the stream synchronisation the exit decision needs anyway, so
 recording adds no wait. ``dmpo-edge bench`` turns it on and reports H2D / compute / D2H per iteration.
 
+CUDA graphs: with batch buckets (the pipeline's ``buckets``, passed on through ``use_buckets``) an engine
+sees a few shapes only, so each (stream, stage, bucket shape, bound addresses) gets its own CUDA graph:
+the first call enqueues, the second captures ``execute_async_v3`` into a graph, later calls replay it
+(see :mod:`.trt_graphs`). ``cuda_graphs``: None (default) = on with buckets, off without; True / False
+forces it. An engine TensorRT cannot capture falls back to plain enqueue for that key.
+
 Device key: ``<tensorrt version>-<gpu name>-sm<major><minor>-<precision>`` (see :func:`device_key`).
 ``engines/<key>/engines.json`` records the key and the engine files; an engine is refused unless it
 was built for this TensorRT version and GPU - the fix is ``dmpo-edge build BUNDLE`` on this machine.
@@ -37,6 +43,7 @@ from ...bundle import safe_join, sha256_file
 from ...errors import DmpoEdgeError
 from .._common import as_bundle, stage_features_input
 from .base import Backend
+from .trt_graphs import GraphCache, graph_key
 from ...engines import ENGINES_DIR, device_key, read_engines_json
 
 __all__ = ["TrtBackend", "trt_ready", "device_key", "find_engines", "this_device_key"]
@@ -119,6 +126,8 @@ class _Stage:
         self.merge_stream = None
         self.feat_in = None
         self.marks = None  # 4 timing events: before copy-in, after it, after execute, after copy-out
+        self.addrs = {}  # tensor name -> bound device address (part of a CUDA graph's key)
+        self.graphs = None  # GraphCache while CUDA graphs are on
 
 
 class TrtBackend(Backend):
@@ -126,12 +135,18 @@ class TrtBackend(Backend):
 
     ``features_buffers``: device features buffers per stage (the number of groups that may wait at
     the next stage; raise it with ``max_in_flight``).
+
+    ``cuda_graphs``: replay each stage call from a CUDA graph, one per (stream, stage, bucket shape,
+    bound buffers) - captured on the second call of a key, after one plain ``execute_async_v3``; keys
+    TensorRT cannot capture keep enqueueing. None (default): on when the pipeline runs with batch buckets
+    (``use_buckets``), off without; True / False force it. ``max_graphs``: graphs kept per stage.
+    ``graph_stats()`` counts enqueues, captures, launches and failed captures.
     """
 
     name = "trt"
 
     def __init__(self, bundle, device: str = "auto", features_buffers: int = 4, engines_dir: str | None = None,
-                 verify_engines: bool = True, **_ignored):
+                 verify_engines: bool = True, cuda_graphs: bool | None = None, max_graphs: int = 64, **_ignored):
         super().__init__(bundle)
         self.device_impl = device
         self.features_buffers = max(2, int(features_buffers))
@@ -141,8 +156,33 @@ class TrtBackend(Backend):
         self.dev = None
         self.key = None
         self.record_timings = False  # CUDA-event timings of every infer call (see pop_event_timings)
+        self.cuda_graphs = None if cuda_graphs is None else bool(cuda_graphs)
+        self.max_graphs = max(0, int(max_graphs))
+        self.buckets = None
+        self._graph_counts_done = {}  # counts of the stages' graph caches already released
         self._timings = []
         self._timings_lock = threading.Lock()
+
+    def use_buckets(self, buckets) -> None:
+        """The pipeline's batch buckets (None: off); with ``cuda_graphs=None`` they switch CUDA graphs on."""
+        self.buckets = None if buckets is None else tuple(int(b) for b in buckets)
+
+    @property
+    def graphs_enabled(self) -> bool:
+        return self.cuda_graphs if self.cuda_graphs is not None else self.buckets is not None
+
+    def graph_stats(self) -> dict:
+        """``{"enqueued", "captured", "launched", "capture_failed", "graphs"}`` summed over the stages (the counts
+        survive ``deactivate()``; ``graphs`` is the number held now)."""
+        out = {"enqueued": 0, "captured": 0, "launched": 0, "capture_failed": 0, "graphs": 0}
+        for name, v in self._graph_counts_done.items():
+            out[name] += v
+        for st in self.stages:
+            if st.graphs is not None:
+                for name, v in st.graphs.counts.items():
+                    out[name] += v
+                out["graphs"] += st.graphs.num_graphs
+        return out
 
     def pop_event_timings(self) -> list:
         """``[{"stage", "h2d_ms", "compute_ms", "d2h_ms"}]`` of the calls since the last pop (recorded while
@@ -224,7 +264,7 @@ class TrtBackend(Backend):
             nbytes = mb * int(np.prod(st.sample_shape[name])) * st.dtypes[name].itemsize
             st.dev[name] = self.dev.malloc(nbytes)
             st.host[name] = self.dev.pinned_empty((mb, *st.sample_shape[name]), st.dtypes[name])
-            st.context.set_tensor_address(name, st.dev[name].ptr)
+            self._bind(st, name, st.dev[name].ptr)
         if "features" in st.outputs:
             shape, dtype = st.sample_shape["features"], st.dtypes["features"]
             row = int(np.prod(shape)) * dtype.itemsize
@@ -260,6 +300,11 @@ class TrtBackend(Backend):
                 for stream in (st.stream, st.merge_stream):
                     if stream is not None:
                         self.dev.synchronize(stream)
+                if st.graphs is not None:
+                    for name, v in st.graphs.counts.items():
+                        self._graph_counts_done[name] = self._graph_counts_done.get(name, 0) + v
+                    st.graphs.release()  # before the buffers they point at
+                    st.graphs = None
                 for buf in st.dev.values():
                     buf.free()
                 for pool in (st.pool, st.merge_pool):
@@ -343,14 +388,14 @@ class TrtBackend(Backend):
                 self._select_profile(st, {st.feat_in: f.rows, "keep_idx": n})
                 self._set_shape(st, st.feat_in, (f.rows, *f.shape))
                 self._set_shape(st, "keep_idx", (n,))
-                st.context.set_tensor_address(st.feat_in, f.buf.ptr)
+                self._bind(st, st.feat_in, f.buf.ptr)
             out_f = None
             if "features" in st.outputs:
                 out_f = self._acquire(st.pool)
-                st.context.set_tensor_address("features", out_f.buf.ptr)
+                self._bind(st, "features", out_f.buf.ptr)
             if timed:
                 dev.record(st.marks[1], st.stream)
-            if not st.context.execute_async_v3(dev.stream_handle(st.stream)):
+            if not self._execute(k, st):
                 if out_f is not None:
                     self.release(out_f)
                 raise DmpoEdgeError(f"trt backend stage {k}", "execute_async_v3 failed (see the TensorRT log above)")
@@ -376,6 +421,24 @@ class TrtBackend(Backend):
                     res["features"] = self._download(out_f, st)
                     self.release(out_f)
         return res
+
+    def _bind(self, st: _Stage, name: str, ptr: int) -> None:
+        st.context.set_tensor_address(name, ptr)
+        st.addrs[name] = int(ptr)
+
+    def _execute(self, k: int, st: _Stage) -> bool:
+        """``execute_async_v3`` on the stage's stream, or the CUDA graph of this call's shapes and buffers."""
+        handle = self.dev.stream_handle(st.stream)
+
+        def enqueue():
+            return st.context.execute_async_v3(handle)
+
+        if not self.graphs_enabled or not self.dev.graphs_supported():
+            return bool(enqueue())
+        if st.graphs is None:
+            st.graphs = GraphCache(self.dev, self.max_graphs)
+        key = graph_key(handle, k, st.profile, st.shapes, st.addrs)
+        return st.graphs.run(key, st.stream, enqueue)
 
     def _book_timings(self, k: int, st: _Stage) -> None:
         m, ms = st.marks, self.dev.elapsed_ms
