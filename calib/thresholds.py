@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import DmpoEdgeError
+from ..policies import NEVER_EXIT
 from ..runtime.bench_stats import first_exits
 
 __all__ = [
@@ -30,9 +31,6 @@ __all__ = [
     "minimum_cost", "solve_budget", "solve_max_drop", "pareto_front", "check_calibration_arrays",
 ]
 
-# "Nobody exits here": MSDNet's reference uses 1e8; float32's largest value works for any exit-score scale and,
-# unlike inf, survives JSON (the manifest is written with allow_nan=False).
-NEVER_EXIT = float(np.finfo(np.float32).max)
 
 # The sweep of MSDNet's dynamic_evaluate: p = 1/20 ... 39/20; exit k gets a share proportional to p^k.
 SWEEP_P = tuple(j / 20.0 for j in range(1, 40))

@@ -7,6 +7,7 @@ import os
 
 from ..bundle import Bundle
 from ..errors import DmpoEdgeError
+from ..policies import format_thresholds
 from .trt_settings import ENGINES_DIR, ENGINES_JSON
 
 __all__ = ["summarize", "bundle_summary", "checkpoint_summary", "engines_present"]
@@ -73,7 +74,7 @@ def bundle_summary(path: str, verify: bool = True) -> str:
         lines.append(f"       out: {'; '.join(_shape(t) for t in st['outputs'])}")
     th = m.get("thresholds")
     if th:
-        lines.append(f"  thresholds {', '.join(f'{v:.4f}' for v in th['values'])}  (method {th.get('method')}, "
+        lines.append(f"  thresholds {format_thresholds(th['values'])}  (method {th.get('method')}, "
                      f"target {th.get('target')})")
         dist = th.get("expected_exit_distribution")
         if dist:

@@ -11,9 +11,26 @@ import numpy as np
 
 from .errors import DmpoEdgeError
 
-__all__ = ["POLICIES", "get_policy", "softmax", "DEFAULT_POLICY"]
+__all__ = ["POLICIES", "get_policy", "softmax", "DEFAULT_POLICY", "NEVER_EXIT", "format_thresholds"]
 
 DEFAULT_POLICY = "max_softmax"
+
+# "Nobody exits here": MSDNet's reference uses 1e8; float32's largest value works for any exit-score scale and,
+# unlike inf, survives JSON (the manifest is written with allow_nan=False). Its negative means "all who reach it exit".
+NEVER_EXIT = float(np.finfo(np.float32).max)
+
+
+def format_thresholds(values) -> str:
+    """Thresholds for people: the sentinels read "never" (nobody leaves there) and "always" (all who reach it leave)."""
+
+    def one(t):
+        if t >= NEVER_EXIT:
+            return "never"
+        if t <= -NEVER_EXIT:
+            return "always"
+        return f"{t:.6g}"
+
+    return ", ".join(one(float(t)) for t in values)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

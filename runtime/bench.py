@@ -27,6 +27,7 @@ import numpy as np
 
 from .._lazy import installed_version, require
 from ..errors import DmpoEdgeError
+from ..policies import format_thresholds
 from .bench_stats import TRTEXEC_PERCENTILES, expected_cost, ideal_speedup, summarize
 
 __all__ = [
@@ -69,18 +70,18 @@ def parse_batch_list(text, max_batch: int | None = None) -> list:
     return out
 
 
-def parse_float_list(text, what: str) -> list:
+def parse_float_list(text, what: str, where: str = WHERE) -> list:
     items = [t.strip() for t in str(text).split(",")]
     if not items or any(not t for t in items):
-        raise DmpoEdgeError(WHERE, f"{what} {text!r} is malformed. Expected comma-separated numbers")
+        raise DmpoEdgeError(where, f"{what} {text!r} is malformed. Expected comma-separated numbers")
     out = []
     for t in items:
         try:
             v = float(t)
         except ValueError:
-            raise DmpoEdgeError(WHERE, f"{what} entry {t!r} is not a number") from None
+            raise DmpoEdgeError(where, f"{what} entry {t!r} is not a number") from None
         if not math.isfinite(v):
-            raise DmpoEdgeError(WHERE, f"{what} entry {t!r} is not finite")
+            raise DmpoEdgeError(where, f"{what} entry {t!r} is not finite")
         out.append(v)
     return out
 
@@ -578,7 +579,7 @@ def format_report(report: dict) -> str:
         _backend_line(report["backend"]),
         f"data: {report['data']['source']} ({report['data']['samples']} samples"
         + (", labelled)" if report["data"]["labelled"] else ", unlabelled)"),
-        f"thresholds: [{', '.join(f'{t:.4g}' for t in report['thresholds']['values'])}] ({report['thresholds']['source']})"
+        f"thresholds: {format_thresholds(report['thresholds']['values'])} ({report['thresholds']['source']})"
         if report.get("thresholds") else "thresholds: none (sweep only)",
         f"warm-up {s['warmup_ms']:g} ms, then >= {s['iterations']} iterations and >= {s['duration_s']:g} s per batch size; "
         "early exit and static interleaved"

@@ -7,6 +7,8 @@ chooses the thresholds and records them in the manifest, with ``reports/calibrat
 
 from __future__ import annotations
 
+from ..policies import format_thresholds
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -41,20 +43,6 @@ def write_report(path: str, report: dict) -> None:
         write_json_atomic(path, report)
     except OSError as exc:
         raise DmpoEdgeError("report", f"cannot write '{path}' ({exc}). Expected a writable path") from None
-
-
-def format_thresholds(values) -> str:
-    """Thresholds for people: the sentinels read "never" (nobody leaves there) and "always" (all who reach it leave)."""
-    from ..calib.thresholds import NEVER_EXIT
-
-    def one(t):
-        if t >= NEVER_EXIT:
-            return "never"
-        if t <= -NEVER_EXIT:
-            return "always"
-        return f"{t:.6g}"
-
-    return ", ".join(one(float(t)) for t in values)
 
 
 def _pct(v) -> str:

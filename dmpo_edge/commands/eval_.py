@@ -24,7 +24,8 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ..bundle import Bundle
     from ..calib.evaluate import evaluate
-    from .calibrate import format_thresholds, print_curve, print_exits, print_point, write_report
+    from ..policies import format_thresholds
+    from .calibrate import print_curve, print_exits, print_point, write_report
 
     bundle = Bundle.load(args.bundle)
     report = evaluate(bundle, args.data, batch_size=args.batch_size, backend=args.backend, progress=not args.quiet)

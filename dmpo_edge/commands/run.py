@@ -41,12 +41,9 @@ def add_arguments(p) -> None:
 
 
 def _thresholds(text):
-    if text is None:
-        return None
-    try:
-        return [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise DmpoEdgeError("run --thresholds", f"'{text}' is not a comma-separated list of numbers") from None
+    from ..runtime.bench import parse_float_list
+
+    return None if text is None else parse_float_list(text, "--thresholds", where="run")
 
 
 def _print_summary(s: dict, as_json: bool) -> None:
@@ -58,7 +55,7 @@ def _print_summary(s: dict, as_json: bool) -> None:
     print(f"summary: {s['frames_classified']} frames classified ({s['frames_read']} read, {s['frames_dropped']} dropped, "
           f"{s['mode']}) in {s['elapsed_s']:.2f} s = {s['fps']} FPS on {s['backend']}")
     print(f"  latency ms: mean {lat['mean']:.1f}  p50 {lat['p50']:.1f}  p90 {lat['p90']:.1f}  p99 {lat['p99']:.1f}")
-    from .calibrate import format_thresholds
+    from ..policies import format_thresholds
 
     th = format_thresholds(s["thresholds"]) if s.get("thresholds") is not None else "none"
     print(f"  exits per stage: {exits}  (ideal speed-up {s['ideal_speedup']}x, thresholds {th})")
