@@ -33,8 +33,9 @@ from .graph import (
 from .onnxrun import run_chain
 from .opcheck import check_tensorrt_ops
 from .parity import PARITY_TOL, stage_parity
+from .peer import export_peer, peer_accuracy, peer_entry, peer_precision
 from .report import loud_warnings, precision_report
-from .stages import FEATURES, FEATURES_IN, split_stages
+from .stages import FEATURES, FEATURES_IN, parse_exits, split_stages
 
 __all__ = ["compile_bundle", "compile_model", "tool_versions", "PRECISIONS", "stage_flops"]
 
@@ -132,13 +133,18 @@ def compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", cali
                   opset: int = DEFAULT_OPSET, exporter: str = "auto", calib_method: str = "entropy", fp16_tool: str = "auto",
                   int8_tool: str = "auto", cpu_format: str = "auto", parity_tol: float = PARITY_TOL, build: str = "auto",
                   name: str | None = None, source: dict | None = None, progress: bool = True, build_options: dict | None = None,
-                  holdout_count: int = 1000, log=None) -> Bundle:
-    """Compile an in-memory :class:`EarlyExitModel` with its checkpoint ``meta`` into a bundle at ``out_dir``."""
+                  holdout_count: int = 1000, log=None, exits=None) -> Bundle:
+    """Compile an in-memory :class:`EarlyExitModel` with its checkpoint ``meta`` into a bundle at ``out_dir``.
+
+    ``exits``: the model's exits the bundle keeps (``"0,1,3"`` or a list; default all). The trunk segments of
+    a left-out exit are merged into the next kept stage's graph."""
     t_start = time.perf_counter()
     log = log or (lambda msg: print(msg, file=sys.stderr))
     _check_args(precision, exit_policy, max_batch, calib_count, out_dir, force)
     torch = require("torch", "compiling a model")
-    K = int(model.num_stages)
+    kept = parse_exits(exits, int(model.num_stages))
+    subset = len(kept) != int(model.num_stages)
+    K = len(kept)
     classes = [str(c) for c in meta.get("classes") or []]
     cfg = dict(meta.get("config") or getattr(model, "config", {}) or {})
     num_classes = int(cfg.get("num_classes") or len(classes))
@@ -162,7 +168,7 @@ def compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", cali
             if callable(getattr(model, "merged", None)):
                 # LoRA folded into plain layers: identical outputs, fewer nodes for the quantizer and TensorRT
                 model = model.merged()
-            modules = split_stages(model, exit_policy, probe=True)
+            modules = split_stages(model, exit_policy, probe=True, exits=kept)
             parity_x = (data.holdout_x if data.holdout_x is not None else data.calib_x)
             parity_src = (data.holdout_info or data.calib_info or {}).get("source", "random images")
             if parity_x is None:
@@ -204,6 +210,16 @@ def compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", cali
             bar.update()
             timings["parity_s"] = time.perf_counter() - t0
 
+            # ---- the peer one-graph model (what users would run instead; bench's reference) --------------
+            t0 = time.perf_counter()
+            bar.set_postfix_str("peer model")
+            peer_fp32 = os.path.join(fp32_dir, "peer.onnx")
+            peer_info = export_peer(model, exit_policy, parity_x, peer_fp32, opset, exporter)
+            peer_pred = peer_accuracy(peer_fp32, parity_x, None)["prediction"]
+            last_pred = np.asarray(run_chain(fp32_paths, parity_x)[-1]["prediction"], np.int64)
+            parity["peer"] = {"agreement_with_last_exit": float((peer_pred == last_pred).mean()), "images": int(len(parity_x))}
+            timings["peer_export_s"] = time.perf_counter() - t0
+
             # ---- FP32 chain on calibration and held-out data ---------------------------------------------
             t0 = time.perf_counter()
             calib_chain = run_chain(fp32_paths, data.calib_x, collect_inputs=True) if data.calib_x is not None else None
@@ -217,6 +233,11 @@ def compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", cali
                 fp16_tool, int8_tool, cpu_format, bar,
             )
             timings["precision_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            bar.set_postfix_str("peer precision")
+            peer_made = peer_precision(precision, peer_fp32, peer_info, scratch, data, opset, calib_method, fp16_tool,
+                                       int8_tool, cpu_format, CPU_DROP_POINTS, keep_image_layer=True)
+            timings["peer_precision_s"] = time.perf_counter() - t0
 
             # ---- TensorRT op check -----------------------------------------------------------------------
             bar.set_postfix_str("TensorRT op check")
@@ -239,7 +260,7 @@ def compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", cali
 
             # ---- write the bundle ------------------------------------------------------------------------
             bar.set_postfix_str("write bundle")
-            flops = _flops(meta, modules, parity_x, K)
+            flops = _flops({} if subset else meta, modules, parity_x, K)
             os.makedirs(os.path.join(bundle_dir, "reports"), exist_ok=True)
             stages = []
             cum = 0.0
@@ -250,7 +271,9 @@ def compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", cali
                 cum += flops[k]
                 entry = {"index": k, "file": fname, "sha256": sha256_file(os.path.join(bundle_dir, fname)),
                          "inputs": ins, "outputs": outs_, "flops": float(flops[k]),
-                         "cumulative_flops": float(meta_cum(meta, k, cum))}
+                         "cumulative_flops": float(cum if subset else meta_cum(meta, k, cum))}
+                if subset:
+                    entry["model_exit"] = kept[k]
                 entry["opset"] = opset_of(load_model(stage_files[k]))
                 if cpu_files:
                     cname = f"stage_{k}.cpu.onnx"
@@ -269,6 +292,8 @@ def compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", cali
                           "classes": classes, "num_classes": num_classes, "config": cfg, "source": source or {}},
                 "preprocess": pre.to_dict(), "precision": prec, "regroup": REGROUP_KEEP_IDX, "max_batch": int(max_batch),
                 "exit_policy": exit_policy, "stages": stages, "thresholds": None,
+                "exits": {"kept": kept, "model_exits": int(model.num_stages)},
+                "peer": peer_entry(bundle_dir, peer_made, peer_info),
                 "metrics": dict(meta.get("metrics") or {}), "reports": reports,
                 "created": {"utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                             "compile_s": None},

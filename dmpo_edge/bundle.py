@@ -51,6 +51,7 @@ SCHEMA = {
 STAGE_SCHEMA = {"index": int, "file": str, "sha256": str, "inputs": list, "outputs": list, "flops": (int, float),
                 "cumulative_flops": (int, float)}
 TENSOR_SCHEMA = {"name": str, "shape": list, "dtype": str}
+PEER_SCHEMA = {"file": str, "sha256": str, "inputs": list, "outputs": list}
 
 
 def sha256_file(path: str) -> str:
@@ -156,6 +157,13 @@ def _validate_manifest(m) -> dict:
             raise DmpoEdgeError(sw, f"variants must be an object (name -> file, sha256), found {type(variants).__name__}")
         for var in variants.values():
             _check_keys(var, {"file": str, "sha256": str}, sw + " variant")
+    peer = m.get("peer")
+    if peer is not None:  # the one-graph static model bench compares with (bundles from before it have none)
+        _check_keys(peer, PEER_SCHEMA, "manifest peer")
+        for t in peer["inputs"] + peer["outputs"]:
+            _check_keys(t, TENSOR_SCHEMA, "manifest peer tensor")
+        for var in (peer.get("variants") or {}).values():
+            _check_keys(var, {"file": str, "sha256": str}, "manifest peer variant")
     th = m.get("thresholds")
     if th is not None:
         vals = th.get("values") if isinstance(th, dict) else None
@@ -338,7 +346,7 @@ class Bundle:
 
     def verify(self) -> None:
         """Every file named by the manifest exists inside the bundle and matches its sha256."""
-        for st in self.stages:
+        for st in self.stages + ([self.peer] if self.peer else []):
             entries = [(st["file"], st["sha256"])] + [(v["file"], v["sha256"]) for v in (st.get("variants") or {}).values()]
             for name, digest in entries:
                 p = safe_join(self.path, name, f"bundle {self.path}")
@@ -389,6 +397,21 @@ class Bundle:
         name = st["file"]
         if variant and variant in (st.get("variants") or {}):
             name = st["variants"][variant]["file"]
+        return safe_join(self.path, name, f"bundle {self.path}")
+
+    @property
+    def peer(self) -> dict | None:
+        """The manifest's entry for the peer one-graph static model, or None (bundles compiled before it)."""
+        return self.manifest.get("peer")
+
+    def peer_path(self, variant: str | None = None) -> str | None:
+        """Path of the peer graph (``variant="cpu"``: its CPU form where there is one), None without a peer."""
+        p = self.peer
+        if not p:
+            return None
+        name = p["file"]
+        if variant and variant in (p.get("variants") or {}):
+            name = p["variants"][variant]["file"]
         return safe_join(self.path, name, f"bundle {self.path}")
 
     def update_manifest(self, changes: dict) -> None:

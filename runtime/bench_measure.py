@@ -105,6 +105,29 @@ class _Record:
             self.gpu.extend(ev)
 
 
+class _PeerRecord:
+    """What the peer one-graph model accumulates between its timed calls (accuracy only: it has no stages)."""
+
+    def __init__(self):
+        self.correct = 0
+        self.labelled = 0
+
+    def after(self, prediction, labels):
+        if labels is not None:
+            self.correct += int((np.asarray(prediction).reshape(-1) == labels).sum())
+            self.labelled += int(labels.shape[0])
+
+
+def _peer_summary(rec: _PeerRecord, lat_s: list, batch: int, settings: "BenchSettings") -> dict:
+    n = len(lat_s)
+    total_s = float(np.sum(lat_s))
+    out = {"iterations": n, "throughput": batch * n / total_s if total_s > 0 else math.inf,
+           "latency_ms": summarize(lat_s, percentiles=settings.percentiles)}
+    if rec.labelled:
+        out["accuracy"] = rec.correct / rec.labelled
+    return out
+
+
 def _gpu_summary(events, iterations: int):
     if not events:
         return None
@@ -202,9 +225,11 @@ def _efficiency_breakdown(ee: dict, st: dict, batch: int, ideal_flops: float) ->
 
 def bench_batch(pipeline, x: np.ndarray, labels, batch: int, configs: list, settings: BenchSettings,
                 cumulative_flops, duration_s: float | None = None, static_first: bool = False,
-                stage_batch: int | None = None) -> dict:
+                stage_batch: int | None = None, peer=None) -> dict:
     """Time every early-exit configuration in ``configs`` and the static model at one batch size.
 
+    ``peer``: the bundle's peer one-graph model (:class:`.peer.PeerModel`, anything with ``predict(x)``),
+    timed in the same rounds after the static model; each configuration's speed-up over it is reported.
     ``configs``: list of dicts ``{"name", "thresholds", "expected" (K floats or None), ...}``; extra keys
     are copied into the result. Round r runs batch r of the data through each configuration and the
     static model in turn (early exit first unless ``static_first``). With ``stage_batch`` each call
@@ -228,14 +253,30 @@ def bench_batch(pipeline, x: np.ndarray, labels, batch: int, configs: list, sett
                       after=lambda j, res: rec.after(pipeline, res, None if ys is None else ys[j]))
 
     order = ([static] + recs) if static_first else (recs + [static])
+    runners = [make(r) for r in order]
+    peer_rec = _PeerRecord() if peer is not None else None
+    if peer is not None:
+        step = stage_batch or batch
+
+        def peer_call(j):  # one graph, one session: a stream is its batches one after the other
+            xb = xs[j]
+            if step >= xb.shape[0]:
+                return peer.predict(xb)["prediction"]
+            return np.concatenate([peer.predict(xb[i:i + step])["prediction"] for i in range(0, xb.shape[0], step)])
+
+        runners.append(Runner("peer", peer_call, after=lambda j, pred: peer_rec.after(pred, None if ys is None else ys[j])))
     # Streams (several batches per call) settle by themselves after their first batch; one-batch calls do not.
-    loop = interleave([make(r) for r in order], len(xs), settings.warmup_ms / 1e3,
+    loop = interleave(runners, len(xs), settings.warmup_ms / 1e3,
                       settings.duration_s if duration_s is None else duration_s, int(settings.iterations),
                       settle=bool(settings.settle) and stage_batch is None)
     lat = loop["latency_s"]
     st = _runner_summary(static, lat["static"], batch, settings)
     out = {"batch": batch, "rounds": loop["rounds"], "wall_s": loop["wall_s"], "warmup": loop["warmup"],
-           "order": [r.name for r in order], "static": st, "early_exit": []}
+           "order": [r.name for r in runners], "static": st, "early_exit": []}
+    pe = None
+    if peer_rec is not None:
+        pe = _peer_summary(peer_rec, lat["peer"], batch, settings)
+        out["peer"] = pe
     for rec in recs:
         ee = _runner_summary(rec, lat[rec.name], batch, settings)
         ee["name"] = rec.name
@@ -254,6 +295,11 @@ def bench_batch(pipeline, x: np.ndarray, labels, batch: int, configs: list, sett
         }
         if ideal:
             ee["speedup"]["breakdown"] = _efficiency_breakdown(ee, st, batch, ideal)
+        if pe is not None:
+            ee["speedup"]["over_peer"] = pe["latency_ms"]["mean"] / ee["latency_ms"]["mean"]
+            ee["speedup"]["over_peer_median"] = pe["latency_ms"]["median"] / ee["latency_ms"]["median"]
+            if "accuracy" in ee and "accuracy" in pe:
+                ee["accuracy_drop_vs_peer"] = pe["accuracy"] - ee["accuracy"]
         if "accuracy" in ee and "accuracy" in st:
             ee["accuracy_drop"] = st["accuracy"] - ee["accuracy"]
         out["early_exit"].append(ee)
@@ -262,13 +308,14 @@ def bench_batch(pipeline, x: np.ndarray, labels, batch: int, configs: list, sett
 
 
 def run_benchmark(pipeline, x: np.ndarray, labels, settings: BenchSettings, thresholds=None, expected=None,
-                  sweep: list | None = None, keep_trace: bool = False, progress=None) -> dict:
+                  sweep: list | None = None, keep_trace: bool = False, progress=None, peer=None) -> dict:
     """The whole measurement over ``settings.batch_sizes``.
 
     ``thresholds`` (K-1 floats, or None to skip) is the main early-exit configuration, with ``expected``
     its expected exit distribution. ``sweep``: list of configurations ``{"name", "thresholds", "budget",
     "expected"}`` timed together with the static model in one interleaved loop per batch size, for at
-    least ``duration_s`` seconds per configuration. ``progress(msg)`` is told what runs next.
+    least ``duration_s`` seconds per configuration. ``progress(msg)`` is told what runs next. ``peer``:
+    the peer one-graph model, timed in every loop (see :func:`bench_batch`).
     """
     settings.check()
     cum = pipeline.bundle.cumulative_flops
@@ -278,9 +325,9 @@ def run_benchmark(pipeline, x: np.ndarray, labels, settings: BenchSettings, thre
             raise DmpoEdgeError(WHERE, f"batch size {b} exceeds the bundle's max batch {pipeline.max_batch}")
         if thresholds is not None:
             if progress:
-                progress(f"batch {b}: early exit vs static")
+                progress(f"batch {b}: early exit vs static" + (" vs peer" if peer is not None else ""))
             r = bench_batch(pipeline, x, labels, b, [{"name": "early_exit", "thresholds": list(thresholds),
-                                                      "expected": expected}], settings, cum)
+                                                      "expected": expected}], settings, cum, peer=peer)
             trace = r.pop("_trace")
             if keep_trace:
                 r["trace"] = trace
@@ -290,13 +337,13 @@ def run_benchmark(pipeline, x: np.ndarray, labels, settings: BenchSettings, thre
             if settings.stream_batches:
                 if progress:
                     progress(f"batch {b}: streams of {settings.stream_batches} batches, early exit vs static")
-                r["streaming"] = _streaming(pipeline, x, labels, b, thresholds, expected, settings, cum)
+                r["streaming"] = _streaming(pipeline, x, labels, b, thresholds, expected, settings, cum, peer)
             report["results"].append(r)
         if sweep:
             if progress:
                 progress(f"batch {b}: sweep over {len(sweep)} configurations vs static")
             r = bench_batch(pipeline, x, labels, b, sweep, settings, cum,
-                            duration_s=settings.duration_s * len(sweep), static_first=True)
+                            duration_s=settings.duration_s * len(sweep), static_first=True, peer=peer)
             trace = r.pop("_trace")
             if keep_trace:
                 r["trace"] = trace
@@ -304,16 +351,17 @@ def run_benchmark(pipeline, x: np.ndarray, labels, settings: BenchSettings, thre
     return report
 
 
-def _streaming(pipeline, x, labels, batch, thresholds, expected, settings, cum) -> dict:
+def _streaming(pipeline, x, labels, batch, thresholds, expected, settings, cum, peer=None) -> dict:
     """Throughput with batches in flight: each call is ``stream_batches`` batches handed over at once."""
     count = int(settings.stream_batches)
     r = bench_batch(pipeline, x, labels, count * batch, [{"name": "early_exit", "thresholds": list(thresholds),
-                                                          "expected": expected}], settings, cum, stage_batch=batch)
+                                                          "expected": expected}], settings, cum, stage_batch=batch,
+                    peer=peer)
     r.pop("_trace")
     ee = r["early_exit"][0]
     keep = ("iterations", "throughput", "latency_ms", "stages", "backend_ms_per_iteration",
             "host_overhead_ms_per_stage_batch", "accuracy")
-    return {
+    out = {
         "batches_per_call": count,
         "max_in_flight": getattr(pipeline, "max_in_flight", None),
         # latency here is of a whole call (a stream of batches); the figure that matters is throughput
@@ -321,6 +369,9 @@ def _streaming(pipeline, x, labels, batch, thresholds, expected, settings, cum) 
         "static": {("call_latency_ms" if k == "latency_ms" else k): r["static"][k] for k in keep if k in r["static"]},
         "speedup": ee["speedup"],
     }
+    if "peer" in r:
+        out["peer"] = {("call_latency_ms" if k == "latency_ms" else k): v for k, v in r["peer"].items()}
+    return out
 
 
 # --- host overhead with a backend that does no work -----------------------------------------------

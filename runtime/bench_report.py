@@ -65,17 +65,25 @@ def format_report(report: dict) -> str:
         f"thresholds: {format_thresholds(report['thresholds']['values'])} ({report['thresholds']['source']})"
         if report.get("thresholds") else "thresholds: none (sweep only)",
         f"warm-up {s['warmup_ms']:g} ms, then >= {s['iterations']} iterations and >= {s['duration_s']:g} s per batch size; "
-        "early exit and static interleaved"
+        ("early exit, static and peer interleaved" if report.get("peer") else "early exit and static interleaved")
         + (", one untimed settle call before each timed one-batch call" if s.get("settle") else "")
         + "; percentiles as trtexec",
     ]
+    pr = report.get("peer")
+    if pr:
+        lines.append(f"peer: {pr['file']} (one graph, no early exits; {pr['settings']})")
     m = report.get("machine") or {}
     if m:
-        lines.append(f"machine: {m.get('cpu')} ({m.get('usable_cores')} usable of {m.get('cores')} cores)")
+        load = m.get("loadavg")
+        lines.append(f"machine: {m.get('cpu')} ({m.get('usable_cores')} usable of {m.get('cores')} cores)"
+                     + (f", load average {' '.join(f'{v:.2f}' for v in load)}" if load else ""))
     for r in report.get("results") or []:
         ee, st = r["early_exit"], r["static"]
         lines += ["", f"batch {r['batch']}  ({r['rounds']} rounds in {r['wall_s']:.2f} s, warm-up {r['warmup']['rounds']} rounds)", head,
                   _lat_row("early exit", ee, cols), _lat_row("static", st, cols)]
+        pe = r.get("peer")
+        if pe:
+            lines.append(_lat_row("peer", pe, cols))
         stg = " | ".join(f"{x['stage']}: {x['time_ms_per_iteration']:.3f} ms, {x['samples_in'] / ee['iterations']:.1f} in"
                          for x in ee["stages"])
         lines.append(f"  stages (early exit, per iteration): {stg}")
@@ -84,6 +92,11 @@ def format_report(report: dict) -> str:
         lines.append(f"  exits: realised {_dist(ex['realised'])} over {ex['samples']} samples | expected {_dist(ex['expected'])}{dev}")
         sp = ee["speedup"]
         eff = "-" if sp["efficiency"] is None else f"{sp['efficiency']:.3f}"
+        if "over_peer" in sp:
+            acc = ""
+            if "accuracy_drop_vs_peer" in ee:
+                acc = f", accuracy {ee['accuracy']:.4f} vs {pe['accuracy']:.4f} (drop {100 * ee['accuracy_drop_vs_peer']:.2f} points)"
+            lines.append(f"  speed-up over the peer (one graph): {sp['over_peer']:.3f}x (median {sp['over_peer_median']:.3f}x){acc}")
         lines.append(f"  speed-up: realised {sp['realised']:.3f}x (median {sp['realised_median']:.3f}x), "
                      f"ideal {sp['ideal']:.3f}x, efficiency {eff}")
         if "accuracy" in ee:
@@ -97,8 +110,9 @@ def format_report(report: dict) -> str:
         if sm:
             ssp = sm["speedup"]
             lines.append(f"  streaming ({sm['batches_per_call']} batches per call, {sm['max_in_flight']} in flight): early exit "
-                         f"{sm['early_exit']['throughput']:.1f}/s, static {sm['static']['throughput']:.1f}/s, realised "
-                         f"{ssp['realised']:.3f}x, efficiency {_f3(ssp['efficiency'])}")
+                         f"{sm['early_exit']['throughput']:.1f}/s, static {sm['static']['throughput']:.1f}/s"
+                         + (f", peer {sm['peer']['throughput']:.1f}/s ({ssp['over_peer']:.3f}x)" if "peer" in sm else "")
+                         + f", realised {ssp['realised']:.3f}x, efficiency {_f3(ssp['efficiency'])}")
         ov = ee.get("host_overhead_ms_per_stage_batch")
         if ov is not None:
             lines.append(f"  pipeline overhead around the backend: {ov:.3f} ms per stage batch "
@@ -109,9 +123,11 @@ def format_report(report: dict) -> str:
                 f"{k} {v['total_ms_per_iteration']:.3f} ms" for k, v in g.items()))
     for r in report.get("sweep") or []:
         st = r["static"]
+        pe = r.get("peer")
         lines += ["", f"sweep, batch {r['batch']}  ({r['rounds']} rounds in {r['wall_s']:.2f} s); static: "
-                  f"{st['throughput']:.1f}/s, mean {st['latency_ms']['mean']:.3f} ms",
-                  f"  {'budget':>6} {'cost':>6} {'thr/s':>10} {'mean ms':>9} {'p99 ms':>9} {'real':>6} {'ideal':>6} "
+                  f"{st['throughput']:.1f}/s, mean {st['latency_ms']['mean']:.3f} ms"
+                  + (f"; peer: {pe['throughput']:.1f}/s, mean {pe['latency_ms']['mean']:.3f} ms" if pe else ""),
+                  f"  {'budget':>6} {'cost':>6} {'thr/s':>10} {'mean ms':>9} {'p99 ms':>9} {'peer':>6} {'real':>6} {'ideal':>6} "
                   f"{'eff':>6} {'acc':>7}  exits / thresholds"]
         for ee in r["early_exit"]:
             sp = ee["speedup"]
@@ -120,7 +136,7 @@ def format_report(report: dict) -> str:
             cost = ee["exits"]["expected_cost"]
             lines.append(
                 f"  {bud:>6} {cost:6.3f} {ee['throughput']:10.1f} {ee['latency_ms']['mean']:9.3f} "
-                f"{ee['latency_ms'].get('p99', math.nan):9.3f} {sp['realised']:6.3f} {sp['ideal']:6.3f} "
+                f"{ee['latency_ms'].get('p99', math.nan):9.3f} {sp.get('over_peer', math.nan):6.3f} {sp['realised']:6.3f} {sp['ideal']:6.3f} "
                 f"{sp['efficiency']:6.3f} {acc:>7}  [{_dist(ee['exits']['realised'])}] / "
                 f"[{' '.join(f'{t:.4g}' for t in ee['thresholds'])}]")
     ho = report.get("host_overhead")

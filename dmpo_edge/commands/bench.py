@@ -55,6 +55,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-settle", action="store_true",
                    help="no untimed settle call before each timed one-batch call (each configuration is then timed "
                         "in the caches the other one left behind)")
+    p.add_argument("--no-peer", action="store_true",
+                   help="do not time the bundle's peer one-graph static model (the speed-up over it is then not reported)")
     p.add_argument("--max-in-flight", type=int, default=2, metavar="N", help="pipeline: batches in flight (default 2)")
     p.add_argument("--buckets", metavar="pow2|B1,B2,...", help="pipeline: pad stage batches up to these sizes")
     p.add_argument("--refill", action="store_true", help="pipeline: merge shrunken stage batches")
@@ -169,6 +171,24 @@ def _solve(conf, flops, budget: float) -> tuple:
     return best[1], best[2], best[3]
 
 
+def _open_peer(args, bundle, backend: str, notes: list):
+    """(the peer one-graph model ready to time, its report record), or (None, None) with a note why not."""
+    if args.no_peer:
+        return None, None
+    from ..runtime.peer import PeerModel, peer_unavailable
+
+    why = peer_unavailable(bundle, backend)
+    if why:
+        notes.append(why)
+        return None, None
+    peer = PeerModel(bundle).activate()
+    record = {"file": os.path.relpath(peer.file, bundle.path), "providers": list(peer.providers), "threads": peer.threads,
+              "spinning": peer.spinning,
+              "settings": f"ONNX Runtime, one session, {peer.threads} intra-op thread(s), all graph optimisations, "
+                          "spinning off"}
+    return peer, record
+
+
 def run(args) -> int:
     from ..bundle import Bundle, write_json_atomic
     from ..errors import DmpoEdgeError
@@ -259,8 +279,13 @@ def run(args) -> int:
                   "exclusive_threads": getattr(be, "exclusive_threads", None) if getattr(be, "wide_sessions", None) else None,
                   "exclusive_min_mflops": getattr(be, "exclusive_min_mflops", None) if getattr(be, "wide_sessions", None) else None,
                   "files": [os.path.relpath(f, bundle.path) for f in (getattr(be, "files", []) or [])]}
-        result = rb.run_benchmark(pipe, x, labels, settings, thresholds=thresholds, expected=expected,
-                                  sweep=sweep_cfgs, progress=lambda m: _say(args, m))
+        peer, peer_record = _open_peer(args, bundle, backend, notes)
+        try:
+            result = rb.run_benchmark(pipe, x, labels, settings, thresholds=thresholds, expected=expected,
+                                      sweep=sweep_cfgs, progress=lambda m: _say(args, m), peer=peer)
+        finally:
+            if peer is not None:
+                peer.close()
     report = {
         "tool": "dmpo-edge bench",
         "bundle": {"path": bundle.path, "name": bundle.manifest["model"].get("name"), "precision": bundle.precision,
@@ -274,6 +299,7 @@ def run(args) -> int:
                      "interleaved": True, "settle": settings.settle},
         "data": data,
         "thresholds": th_record,
+        "peer": peer_record,
         "machine": {**machine, "loadavg_after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         **result,
         "warnings": notes,

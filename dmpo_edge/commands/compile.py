@@ -29,6 +29,10 @@ def add_arguments(p) -> None:
     p.add_argument("--holdout-count", type=int, default=1000, metavar="N", help="held-out images to use (default 1000)")
     p.add_argument("--exit-policy", default="max_softmax", choices=("max_softmax", "entropy", "margin"),
                    help="exit score computed in the graphs (default max_softmax)")
+    p.add_argument("--exits", metavar="E0,E1,...",
+                   help="keep only these exits of the model, e.g. 0,1,3 (increasing, with the last exit); the trunk of a "
+                        "left-out exit is merged into the next stage. Default: every exit. 'dmpo-edge calibrate' reports "
+                        "which exits pay for their heads")
     p.add_argument("--max-batch", type=int, default=64, metavar="N", help="largest batch a stage takes (default 64)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset to export (default 18; >= 17)")
@@ -60,6 +64,16 @@ def _print_summary(bundle, seconds: float) -> None:
     errs = " / ".join(f"{e['max_relative_error']:.1e}" for e in par["stages"])
     print(f"parity (fp32 graphs vs torch, {par['samples']} images of {par.get('inputs')}): max relative error per stage {errs}"
           f" (tolerance {par['tolerance']:.0e})")
+    ex = m.get("exits") or {}
+    if ex and len(ex.get("kept", [])) != ex.get("model_exits"):
+        print(f"exits kept: {','.join(map(str, ex['kept']))} of the model's 0..{ex['model_exits'] - 1} "
+              "(trunk of the others merged into the next stage)")
+    peer = m.get("peer")
+    if peer:
+        cpu_form = (peer.get("variants") or {}).get("cpu", {}).get("file")
+        print(f"peer one-graph model: {peer['file']}" + (f" and {cpu_form}" if cpu_form else "")
+              + f" ({peer['precision']['mode']}; agreement with the last exit "
+              f"{100 * par.get('peer', {}).get('agreement_with_last_exit', float('nan')):.1f}%)")
     rep = os.path.join(bundle.path, "reports", "precision.json")
     if os.path.isfile(rep):
         with open(rep) as f:
@@ -97,7 +111,7 @@ def run(args) -> int:
         force=args.force, allow_pickle=args.allow_pickle, opset=args.opset, exporter=args.exporter,
         calib_method=args.calib_method,
         fp16_tool=args.fp16_tool, int8_tool=args.int8_tool, cpu_format=args.cpu_format, build=args.build,
-        progress=not args.quiet, build_options=build_options,
+        progress=not args.quiet, build_options=build_options, exits=args.exits,
     )
     _print_summary(bundle, time.perf_counter() - t0)
     return 0
