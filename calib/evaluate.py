@@ -310,19 +310,26 @@ def _check_target(name: str, value, lo_open: float, hi: float):
 
 def calibrate(bundle, dataset=None, *, budget: float | None = None, max_drop: float | None = None, sweep_only: bool = False,
               pick_budget: float | None = None, outputs: StageOutputs | None = None, write: bool = True,
-              plot: bool = True, **kw) -> dict:
+              plot: bool = True, latency_budget_ms: float | None = None, latency_batch: int | None = None,
+              **kw) -> dict:
     """Choose exit thresholds on a labelled held-out split and (``write=True``) record them in the bundle.
 
     Exactly one of ``budget`` (best accuracy with expected cost <= budget), ``max_drop`` (cheapest within
-    ``max_drop`` of the last exit's accuracy) or ``sweep_only`` (a budgeted-batch sweep point: the best one
-    under ``pick_budget``, or without it the cheapest one with the sweep's best accuracy).
+    ``max_drop`` of the last exit's accuracy), ``latency_budget_ms`` (best accuracy with expected time per
+    sample <= that many ms, from this machine's ``reports/latency.json`` at ``latency_batch``) or
+    ``sweep_only`` (a budgeted-batch sweep point: the best one under ``pick_budget``, or without it the
+    cheapest one with the sweep's best accuracy).
     Writes ``reports/calibration.json`` and ``reports/calibration.png`` atomically, then the manifest's
     ``thresholds`` (one atomic rename each; stage files are untouched). Returns the report.
     """
     chosen_modes = [m for m, on in (("budget", budget is not None), ("max_drop", max_drop is not None),
-                                     ("sweep", bool(sweep_only))) if on]
+                                     ("sweep", bool(sweep_only)), ("latency_budget", latency_budget_ms is not None)) if on]
     if len(chosen_modes) != 1:
-        raise DmpoEdgeError("calibration", f"choose exactly one of --budget, --max-drop, --sweep (got {chosen_modes or 'none'})")
+        raise DmpoEdgeError("calibration", "choose exactly one of --budget, --max-drop, --sweep, --latency-budget "
+                            f"(got {chosen_modes or 'none'})")
+    if latency_budget_ms is not None and (isinstance(latency_budget_ms, bool) or not isinstance(latency_budget_ms, (int, float))
+                                          or not math.isfinite(latency_budget_ms) or latency_budget_ms <= 0):
+        raise DmpoEdgeError("calibration", f"latency budget {latency_budget_ms!r} is out of range. Expected milliseconds > 0")
     if pick_budget is not None and not sweep_only:
         raise DmpoEdgeError("calibration", "--pick-budget goes with --sweep (with --budget the solver already meets the budget)")
     _check_target("budget", budget, 0.0, 1.0)
@@ -343,6 +350,11 @@ def calibrate(bundle, dataset=None, *, budget: float | None = None, max_drop: fl
     elif max_drop is not None:
         point = th.solve_max_drop(conf, corr, flops, float(max_drop), sweep_points=points)
         method, target = "max_drop", float(max_drop)
+    elif latency_budget_ms is not None:
+        from .latency_budget import solve_latency_budget
+
+        point, latency = solve_latency_budget(b, conf, corr, flops, float(latency_budget_ms), batch=latency_batch)
+        method, target = "latency_budget_ms", float(latency_budget_ms)
     else:
         point, target = _pick_from_sweep(points, pick_budget)
         method = "budgeted_batch"
@@ -364,9 +376,43 @@ def calibrate(bundle, dataset=None, *, budget: float | None = None, max_drop: fl
         "chosen": {**point.to_dict(), "method": method, "target": target},
         "thresholds": record,
     }
+    _time_and_payoff(b, report, conf, corr, flops, point, latency_batch,
+                     latency if latency_budget_ms is not None else None)
     if write:
         _write_calibration(b, report, record, plot)
     return report
+
+
+def _time_and_payoff(b: Bundle, report: dict, conf, corr, flops, point, latency_batch, latency) -> None:
+    """Add the time view (when this machine has measured the bundle) and each early exit's payoff to ``report``."""
+    from .latency_budget import exit_payoff, head_costs, latency_costs
+
+    if latency is None:
+        try:
+            cum_ms, entry = latency_costs(b, latency_batch)
+            dist = np.asarray(point.exit_distribution, np.float64)
+            latency = {"batch": int(entry["batch"]), "backend": entry["backend"], "machine": entry["machine"],
+                       "cumulative_ms_per_sample": cum_ms, "expected_ms_per_sample": float(dist @ np.asarray(cum_ms)),
+                       "static_ms_per_sample": cum_ms[-1]}
+        except DmpoEdgeError:
+            latency = None  # not measured here: the FLOP view stands alone
+    if latency is not None:
+        report["latency"] = latency
+        report["chosen"]["expected_ms_per_sample"] = latency["expected_ms_per_sample"]
+        cum_ms = np.asarray(latency["cumulative_ms_per_sample"], np.float64)
+        for pt in report["sweep"]:
+            pt["expected_ms_per_sample"] = float(np.asarray(pt["exit_distribution"]) @ cum_ms)
+    heads = head_costs(b)
+    if heads is None:
+        return
+    full = float(flops[-1])
+    pay = {"flops_fraction": exit_payoff(conf, corr, np.asarray(flops) / full, np.asarray(heads) / full, point.thresholds)}
+    if latency is not None:
+        # a head's share of its stage's time taken as its share of the stage's FLOPs
+        stage_ms = np.diff(np.concatenate([[0.0], cum_ms]))
+        head_ms = [stage_ms[k] * heads[k] / st["flops"] if st["flops"] else 0.0 for k, st in enumerate(b.stages)]
+        pay["ms_per_sample"] = exit_payoff(conf, corr, cum_ms, head_ms, point.thresholds)
+    report["exit_payoff"] = pay
 
 
 def _write_calibration(b: Bundle, report: dict, record: dict, plot: bool) -> None:

@@ -82,6 +82,23 @@ def stage_flops(stage_modules: list, example) -> list:
     return flops
 
 
+def head_flops(stage_modules: list, example) -> list:
+    """Per-sample FLOPs of each stage's exit head alone: what every sample reaching the stage pays for the exit."""
+    torch = require("torch", "counting FLOPs")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    out = []
+    x = example[:1]
+    with torch.no_grad():
+        for mod in stage_modules:
+            for seg in mod.segments:
+                x = mod.model.forward_stage(seg, x)
+            with FlopCounterMode(display=False) as counter:
+                mod.model.forward_exit(mod.exit_index, x)
+            out.append(float(counter.get_total_flops()))
+    return out
+
+
 def _progress(total: int, enabled: bool):
     if enabled and available("tqdm"):
         from tqdm.auto import tqdm
@@ -261,6 +278,7 @@ def compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", cali
             # ---- write the bundle ------------------------------------------------------------------------
             bar.set_postfix_str("write bundle")
             flops = _flops({} if subset else meta, modules, parity_x, K)
+            heads_flops = head_flops(modules, torch.from_numpy(parity_x[:1]))
             os.makedirs(os.path.join(bundle_dir, "reports"), exist_ok=True)
             stages = []
             cum = 0.0
@@ -270,7 +288,7 @@ def compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", cali
                 ins, outs_ = io_specs(load_model(stage_files[k]))
                 cum += flops[k]
                 entry = {"index": k, "file": fname, "sha256": sha256_file(os.path.join(bundle_dir, fname)),
-                         "inputs": ins, "outputs": outs_, "flops": float(flops[k]),
+                         "inputs": ins, "outputs": outs_, "flops": float(flops[k]), "head_flops": heads_flops[k],
                          "cumulative_flops": float(cum if subset else meta_cum(meta, k, cum))}
                 if subset:
                     entry["model_exit"] = kept[k]

@@ -65,7 +65,7 @@ def format_report(report: dict) -> str:
         f"thresholds: {format_thresholds(report['thresholds']['values'])} ({report['thresholds']['source']})"
         if report.get("thresholds") else "thresholds: none (sweep only)",
         f"warm-up {s['warmup_ms']:g} ms, then >= {s['iterations']} iterations and >= {s['duration_s']:g} s per batch size; "
-        ("early exit, static and peer interleaved" if report.get("peer") else "early exit and static interleaved")
+        + ("early exit, static and peer interleaved" if report.get("peer") else "early exit and static interleaved")
         + (", one untimed settle call before each timed one-batch call" if s.get("settle") else "")
         + "; percentiles as trtexec",
     ]

@@ -57,6 +57,9 @@ def add_arguments(p) -> None:
                         "in the caches the other one left behind)")
     p.add_argument("--no-peer", action="store_true",
                    help="do not time the bundle's peer one-graph static model (the speed-up over it is then not reported)")
+    p.add_argument("--no-record", action="store_true",
+                   help="do not record the measured per-stage times in the bundle (reports/latency.json, read by "
+                        "'dmpo-edge calibrate --latency-budget')")
     p.add_argument("--max-in-flight", type=int, default=2, metavar="N", help="pipeline: batches in flight (default 2)")
     p.add_argument("--buckets", metavar="pow2|B1,B2,...", help="pipeline: pad stage batches up to these sizes")
     p.add_argument("--refill", action="store_true", help="pipeline: merge shrunken stage batches")
@@ -189,6 +192,17 @@ def _open_peer(args, bundle, backend: str, notes: list):
     return peer, record
 
 
+def _record_latency(bundle, report: dict) -> None:
+    """Keep this machine's per-stage times in the bundle; a read-only bundle is a warning, not a failure."""
+    from ..runtime.latency import LATENCY_REPORT, latency_entries, record_latency
+
+    try:
+        record_latency(bundle, latency_entries(report))
+        print(f"recorded the per-stage times in {os.path.join(bundle.path, LATENCY_REPORT)}")
+    except OSError as exc:
+        print(f"dmpo-edge: warning: could not record the per-stage times in the bundle ({exc})", file=sys.stderr)
+
+
 def run(args) -> int:
     from ..bundle import Bundle, write_json_atomic
     from ..errors import DmpoEdgeError
@@ -308,6 +322,8 @@ def run(args) -> int:
         _say(args, "host overhead with the null backend")
         report["host_overhead"] = rb.host_overhead(bundle, settings.batch_sizes, None, settings, pipeline_options=options)
     print(rb.format_report(report))
+    if report.get("results") and not args.no_record and not args.random:
+        _record_latency(bundle, report)
     if args.json:
         write_json_atomic(args.json, report)
         print(f"wrote {args.json}")

@@ -24,6 +24,12 @@ def add_arguments(p) -> None:
     mode.add_argument("--sweep", action="store_true",
                       help="MSDNet budgeted-batch sweep; records the best point under --pick-budget (default: the "
                            "cheapest point with the sweep's best accuracy)")
+    mode.add_argument("--latency-budget", type=float, metavar="MS",
+                      help="best validation accuracy with expected time per sample <= MS milliseconds, from the per-stage "
+                           "times 'dmpo-edge bench' measured on this machine (reports/latency.json)")
+    p.add_argument("--latency-batch", type=int, metavar="B",
+                   help="with --latency-budget: the batch size whose timings to use (default 1 when measured, else the "
+                        "smallest measured)")
     p.add_argument("--pick-budget", type=float, metavar="X", help="with --sweep: the cost cap for the recorded point")
     p.add_argument("--batch-size", type=int, default=64, help="stage batch size while measuring (default 64)")
     p.add_argument("--backend", default="ort", help="backend that runs the stages (default ort: ONNX Runtime)")
@@ -72,6 +78,25 @@ def print_exits(exits: list) -> None:
         print(f"  exit {e['exit']}: {_pct(e['accuracy'])}  at {_pct(e['cost'])} of full FLOPs ({e['cumulative_flops'] / 1e6:.3f} MFLOPs)")
 
 
+def print_time_and_payoff(report: dict) -> None:
+    """Expected time per sample (when measured on this machine) and whether each early exit pays for its head."""
+    lat = report.get("latency")
+    if lat:
+        print(f"time (measured here, batch {lat['batch']}, {lat['backend']}): {lat['expected_ms_per_sample']:.4f} ms per "
+              f"sample expected, static pipeline {lat['static_ms_per_sample']:.4f} ms")
+    pay = report.get("exit_payoff") or {}
+    unit, rows = ("ms/sample", pay["ms_per_sample"]) if "ms_per_sample" in pay else ("% of full FLOPs", pay.get("flops_fraction"))
+    if not rows:
+        return
+    scale = 1.0 if unit == "ms/sample" else 100.0
+    print(f"exits that pay (at these thresholds; {unit}): share, saving by its leavers, its head's cost to all who reach it")
+    for e in rows:
+        verdict = "pays" if e["pays"] else "does not pay: leave it out with compile --exits"
+        print(f"  exit {e['exit']}: takes {100 * e['share']:5.1f}%  saves {scale * e['saving']:.4f}  head costs "
+              f"{scale * e['head_cost']:.4f}  net {scale * e['net']:+.4f}  ({verdict}; accuracy without it "
+              f"{100 * e['accuracy_change_without']:+.2f} points)")
+
+
 def run(args) -> int:
     from ..bundle import Bundle
     from ..calib.evaluate import CALIBRATION_PLOT, CALIBRATION_REPORT, calibrate
@@ -79,7 +104,7 @@ def run(args) -> int:
     bundle = Bundle.load(args.bundle)
     report = calibrate(bundle, args.val, budget=args.budget, max_drop=args.max_drop, sweep_only=args.sweep,
                        pick_budget=args.pick_budget, batch_size=args.batch_size, backend=args.backend,
-                       progress=not args.quiet)
+                       progress=not args.quiet, latency_budget_ms=args.latency_budget, latency_batch=args.latency_batch)
     split = report["split"]
     print(f"calibrated {bundle.path} ({report['precision']}, policy {report['policy']}) on {split['source']} "
           f"({split['size']} samples)")
@@ -90,6 +115,7 @@ def run(args) -> int:
     print(f"method {rec['method']}, target {target}")
     print("thresholds: " + format_thresholds(rec["values"]))
     print_point("validation", report["chosen"])
+    print_time_and_payoff(report)
     print(f"wrote {CALIBRATION_REPORT}, {CALIBRATION_PLOT} and the manifest's thresholds")
     if args.json:
         write_report(args.json, report)
