@@ -6,9 +6,11 @@
    picked up by recompiling);
 3. the thresholds: ``dmpo-edge calibrate --val digits:val --max-drop 0.01`` (at most 1 point below the
    last exit's accuracy on the validation split);
-4. ``dmpo-edge bench`` on digits:test, batch 1, 8, 32, early exit against the static model interleaved,
-   plus the threshold sweep at batch 32 and the host overhead with the null backend;
-5. the results, with the machine and the versions, between the markers of ``docs/benchmarks.md``.
+4. ``dmpo-edge bench`` on digits:test, batch 1, 8, 32, early exit against the static pipeline and the peer
+   one-graph model (what users would run instead) interleaved, plus the threshold sweep at batch 32 and the
+   host overhead with the null backend;
+5. INT8 against FP32: both bundles' early-exit pipelines timed interleaved in one process, per batch size;
+6. the results, with the machine and the versions, between the markers of ``docs/benchmarks.md``.
 
 Run from the repository root::
 
@@ -38,6 +40,7 @@ BATCHES = "1,8,32"
 MAX_DROP = 0.01
 TARGET_EFFICIENCY = 0.85  # at batch 32
 TARGET_OVERHEAD_MS = 0.5  # per stage per batch
+TARGET_OVER_PEER = 2.5  # speed-up over the peer one-graph model, batch 1 and 32
 
 
 def _run(argv: list) -> None:
@@ -95,9 +98,69 @@ def bench(path: str, out_json: str, duration: float, extra: list) -> dict:
         return json.load(f)
 
 
+def int8_against_fp32(paths: dict, batches: list, duration: float) -> list:
+    """Both bundles' early-exit pipelines on the same digits:test batches, interleaved in one process."""
+    import numpy as np
+
+    from dmpo_edge.calib.datasets import load_dataset
+    from dmpo_edge.runtime.bench import Runner, batches_of, interleave, machine_info
+    from dmpo_edge.runtime.bench_stats import summarize
+    from dmpo_edge.runtime.pipeline import Pipeline
+
+    bundles = {p: Bundle.load(path) for p, path in paths.items()}
+    ds = load_dataset("digits:test")
+    pipes = {p: Pipeline.from_bundle(b, backend="ort") for p, b in bundles.items()}
+    rows = []
+    try:
+        for batch in batches:
+            runners = []
+            for p, pipe in pipes.items():
+                x = bundles[p].preprocess(ds.images).astype(np.float32)
+                xs, _, _ = batches_of(x, batch)
+                runners.append(Runner(p, (lambda pp, xx: lambda j: pp.predict(xx[j], batch_size=batch))(pipe, xs)))
+            load = machine_info()["loadavg"]
+            loop = interleave(runners, -(-len(ds) // batch), 0.2, duration, 10, settle=True)
+            lat = {p: summarize(v) for p, v in loop["latency_s"].items()}
+            rows.append({"batch": batch, "rounds": loop["rounds"], "loadavg": load,
+                         "mean_ms": {p: v["mean"] for p, v in lat.items()},
+                         "median_ms": {p: v["median"] for p, v in lat.items()}})
+    finally:
+        for pipe in pipes.values():
+            pipe.close()
+    return rows
+
+
 # --- markdown ------------------------------------------------------------------------------------
 def _f(v, fmt=".3f") -> str:
     return "-" if v is None else format(v, fmt)
+
+
+def _peer_table(reports: dict) -> list:
+    rows = ["| precision | batch | early exit samples/s | peer samples/s | **speed-up over the peer** (mean / median) | "
+            "over the static pipeline | EE acc | peer acc | drop vs peer (points) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for prec, rep in reports.items():
+        for r in rep["results"]:
+            ee, pe = r["early_exit"], r.get("peer")
+            if not pe:
+                continue
+            sp = ee["speedup"]
+            drop = ee.get("accuracy_drop_vs_peer")
+            rows.append(f"| {prec} | {r['batch']} | {ee['throughput']:.0f} | {pe['throughput']:.0f} | "
+                        f"**{sp['over_peer']:.2f}x** / {sp['over_peer_median']:.2f}x | {sp['realised']:.2f}x | "
+                        f"{_f(ee.get('accuracy'), '.4f')} | {_f(pe.get('accuracy'), '.4f')} | "
+                        f"{'-' if drop is None else format(100 * drop, '.2f')} |")
+    return rows
+
+
+def _int8_table(rows: list) -> list:
+    out = ["| batch | fp32 early exit mean / median ms | int8 early exit mean / median ms | int8 speed-up over fp32 (mean) | "
+           "load average (1 min) |", "|---:|---|---|---:|---:|"]
+    for r in rows:
+        m, md = r["mean_ms"], r["median_ms"]
+        out.append(f"| {r['batch']} | {m['fp32']:.3f} / {md['fp32']:.3f} | {m['int8']:.3f} / {md['int8']:.3f} | "
+                   f"**{m['fp32'] / m['int8']:.2f}x** | {_f((r.get('loadavg') or [None])[0], '.2f')} |")
+    return out
 
 
 def _main_table(reports: dict) -> list:
@@ -183,9 +246,14 @@ def _overhead_table(reports: dict) -> list:
     return rows
 
 
-def _verdicts(reports: dict) -> list:
+def _verdicts(reports: dict, int8_rows: list | None = None) -> list:
     out = []
     for prec, rep in reports.items():
+        for r in rep["results"]:
+            sp = r["early_exit"]["speedup"]
+            if r["batch"] in (1, 32) and "over_peer" in sp:
+                out.append(f"- {prec}, batch {r['batch']}: speed-up over the peer one-graph model {sp['over_peer']:.2f}x "
+                           f"(target >= {TARGET_OVER_PEER}x): " + ("**met**" if sp["over_peer"] >= TARGET_OVER_PEER else "**missed**"))
         r32 = next((r for r in rep["results"] if r["batch"] == 32), None)
         if r32:
             eff = r32["early_exit"]["speedup"]["efficiency"]
@@ -200,10 +268,14 @@ def _verdicts(reports: dict) -> list:
             worst = max(ov)
             out.append(f"- {prec}: host overhead at most {worst:.3f} ms per stage per batch (target < {TARGET_OVERHEAD_MS} ms): "
                        + ("**met**" if worst < TARGET_OVERHEAD_MS else "**missed**"))
+    for r in int8_rows or []:
+        ratio = r["mean_ms"]["fp32"] / r["mean_ms"]["int8"]
+        out.append(f"- int8 against fp32, batch {r['batch']} (interleaved, one process): {ratio:.2f}x (target >= 1): "
+                   + ("**met**" if ratio >= 1.0 else "**missed**"))
     return out
 
 
-def render(reports: dict, sweeps: dict, plots: dict) -> str:
+def render(reports: dict, sweeps: dict, plots: dict, int8_rows: list | None = None) -> str:
     first = next(iter(reports.values()))
     m = first["machine"]
     v = m["versions"]
@@ -223,12 +295,18 @@ def render(reports: dict, sweeps: dict, plots: dict) -> str:
         + ", ".join(f"{k}={val}" for k, val in first["backend"]["pipeline"].items()),
         f"- data: {first['data']['source']} ({first['data']['samples']} images); warm-up {first['settings']['warmup_ms']:g} ms, "
         f">= {first['settings']['iterations']} iterations and >= {first['settings']['duration_s']:g} s per batch size, "
-        "early exit and static interleaved"
+        "early exit, static and peer interleaved"
         + (", each timed one-batch call after one untimed settle call of its own configuration (on the previous batch)"
            if first["settings"].get("settle") else ""),
     ]
     for p, t in th.items():
         lines.append(f"- {p} thresholds: {', '.join(f'{x:.4g}' for x in t['values'])} ({t['source']})")
+    peer = next((r.get("peer") for r in reports.values() if r.get("peer")), None)
+    if peer:
+        lines.append(f"- peer: the bundle's one-graph static model ({peer['settings']}), timed in the same rounds")
+    lines += ["", "### Early exit against the peer one-graph model (what users would run instead)", ""] + _peer_table(reports)
+    if int8_rows:
+        lines += ["", "### INT8 against FP32 (both early-exit pipelines interleaved in one process)", ""] + _int8_table(int8_rows)
     lines += ["", "### Early exit against the static model", ""] + _main_table(reports)
     lines += ["", "### What limits the efficiency (one batch per call; the factors multiply to it)", ""] + _breakdown_table(reports)
     lines += ["", "### Per stage (ms per iteration, mean samples entering)", ""] + _stage_table(reports)
@@ -237,7 +315,7 @@ def render(reports: dict, sweeps: dict, plots: dict) -> str:
         for p, png in plots.items():
             lines += ["", f"![{p} sweep]({os.path.relpath(png, os.path.dirname(DOC))})"]
     lines += ["", "### Host overhead (null backend: the pipeline without inference)", ""] + _overhead_table(reports)
-    lines += ["", "### Targets", ""] + _verdicts(reports)
+    lines += ["", "### Targets", ""] + _verdicts(reports, int8_rows)
     lines.append(END)
     return "\n".join(lines)
 
@@ -279,7 +357,14 @@ def main(argv=None) -> int:
             sweeps[prec] = bench(path, os.path.join(args.out, f"sweep_{prec}.json"), max(0.5, args.duration / 3),
                                  ["--batch", "32", "--sweep", "--plot", png])
             plots[prec] = png
-    section = render(reports, sweeps, plots)
+    int8_rows = None
+    if set(reports) >= {"fp32", "int8"}:
+        print("int8 against fp32, interleaved", flush=True)
+        int8_rows = int8_against_fp32({p: os.path.join(args.out, f"digits_{p}") for p in ("fp32", "int8")},
+                                      [int(b) for b in BATCHES.split(",")], args.duration)
+        with open(os.path.join(args.out, "int8_vs_fp32.json"), "w") as f:
+            json.dump(int8_rows, f, indent=1)
+    section = render(reports, sweeps, plots, int8_rows)
     print(section)
     if not args.no_docs:
         write_doc(section)

@@ -1,7 +1,8 @@
 """``dmpo-edge demo``: the whole job on the bundled digits, one command, composed of the other commands.
 
 tune (or reuse a cached ``model.pt``) -> ``compile --int8`` calibrated on a training subset -> ``calibrate``
-on the validation split -> the early-exit pipeline on the held-out split -> ``eval`` -> ``bench`` against the
+on the validation split (an exit that does not pay for its head there is left out: ``compile --exits`` and
+``calibrate`` again) -> the early-exit pipeline on the held-out split -> ``eval`` -> ``bench`` against the
 static model. Every figure in the closing summary is read from the JSON that ``eval`` and ``bench`` write for
 the same bundle, so it matches what those commands print when run by hand (the commands are shown).
 """
@@ -29,6 +30,8 @@ def add_arguments(p) -> None:
     p.add_argument("--model", metavar="MODEL.PT", help="use this digits checkpoint instead of tuning one")
     p.add_argument("--backend", default="auto", help="runtime backend for run and bench: auto | ort | trt (default auto)")
     p.add_argument("--exporter", default=None, choices=("dynamo", "torchscript"), help="torch.onnx exporter for compile")
+    p.add_argument("--keep-all-exits", action="store_true",
+                   help="keep every exit even when calibrate finds that one does not pay for its head")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -76,7 +79,26 @@ def summary_table(ev: dict, bench: dict, realised: dict) -> str:
         f"{sp.get('realised', float('nan')):.2f}x   ideal {sp.get('ideal', float('nan')):.2f}x   "
         f"efficiency {sp.get('efficiency', float('nan')):.2f}",
     ]
+    if "over_peer" in sp:
+        lines.append(f"{'':>39}speed-up over the peer one-graph model {sp['over_peer']:.2f}x (what you would run instead)")
     return "\n".join(lines)
+
+
+def exits_that_pay(bundle_path: str) -> list | None:
+    """The model exits worth keeping by the calibration's payoff on the validation split; None if all pay."""
+    from ..bundle import Bundle
+
+    b = Bundle.load(bundle_path)
+    path = os.path.join(bundle_path, "reports", "calibration.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        pay = (json.load(f).get("exit_payoff") or {})
+    rows = pay.get("ms_per_sample") or pay.get("flops_fraction")
+    if not rows or all(r["pays"] for r in rows):
+        return None
+    model_exit = [int(st.get("model_exit", k)) for k, st in enumerate(b.stages)]
+    return [model_exit[r["exit"]] for r in rows if r["pays"]] + [model_exit[-1]]
 
 
 def run(args) -> int:
@@ -109,6 +131,17 @@ def run(args) -> int:
            "--holdout", "digits:val", "-o", bundle, "--force"] + (["--exporter", args.exporter] if args.exporter else []))
     _step(f"exit thresholds on digits:val within {100 * args.max_drop:g} point(s) of the final exit",
           ["calibrate", bundle, "--val", "digits:val", "--max-drop", str(args.max_drop)] + quiet)
+    keep = None if args.keep_all_exits else exits_that_pay(bundle)
+    if keep and len(keep) < 2:
+        print("   no early exit pays for its head at these thresholds; keeping them all (the summary shows the cost)")
+        keep = None
+    if keep:
+        _step(f"compile again with the exits that pay for their heads on digits:val ({','.join(map(str, keep))})",
+              ["compile", model, "--precision", args.precision, "--calib", "digits:train", "--calib-count",
+               str(args.calib_count), "--holdout", "digits:val", "-o", bundle, "--force", "--exits", ",".join(map(str, keep))]
+              + (["--exporter", args.exporter] if args.exporter else []))
+        _step(f"exit thresholds on digits:val within {100 * args.max_drop:g} point(s) of the final exit",
+              ["calibrate", bundle, "--val", "digits:val", "--max-drop", str(args.max_drop)] + quiet)
 
     print("\n== the early-exit pipeline on the held-out digits:test", flush=True)
     test = load_dataset("digits:test")
