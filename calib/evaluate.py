@@ -311,7 +311,7 @@ def _check_target(name: str, value, lo_open: float, hi: float):
 def calibrate(bundle, dataset=None, *, budget: float | None = None, max_drop: float | None = None, sweep_only: bool = False,
               pick_budget: float | None = None, outputs: StageOutputs | None = None, write: bool = True,
               plot: bool = True, latency_budget_ms: float | None = None, latency_batch: int | None = None,
-              **kw) -> dict:
+              cost_axis: str = "flops", **kw) -> dict:
     """Choose exit thresholds on a labelled held-out split and (``write=True``) record them in the bundle.
 
     Exactly one of ``budget`` (best accuracy with expected cost <= budget), ``max_drop`` (cheapest within
@@ -378,8 +378,11 @@ def calibrate(bundle, dataset=None, *, budget: float | None = None, max_drop: fl
     }
     _time_and_payoff(b, report, conf, corr, flops, point, latency_batch,
                      latency if latency_budget_ms is not None else None)
+    if cost_axis == "time" and "latency" not in report:
+        raise DmpoEdgeError("calibration", "--cost-axis time needs this machine's per-stage times, and the bundle has none "
+                            f"for it. Measure them first: dmpo-edge bench {b.path} (writes reports/latency.json)")
     if write:
-        _write_calibration(b, report, record, plot)
+        _write_calibration(b, report, record, plot, cost_axis)
     return report
 
 
@@ -415,14 +418,14 @@ def _time_and_payoff(b: Bundle, report: dict, conf, corr, flops, point, latency_
     report["exit_payoff"] = pay
 
 
-def _write_calibration(b: Bundle, report: dict, record: dict, plot: bool) -> None:
+def _write_calibration(b: Bundle, report: dict, record: dict, plot: bool, cost_axis: str = "flops") -> None:
     """Plot, report, then manifest: each an atomic rename, the manifest last so it never names a missing report."""
     try:
         os.makedirs(os.path.join(b.path, "reports"), exist_ok=True)
         if plot:
             from .plots import plot_calibration
 
-            plot_calibration(report, os.path.join(b.path, CALIBRATION_PLOT))
+            plot_calibration(report, os.path.join(b.path, CALIBRATION_PLOT), cost_axis=cost_axis)
         write_json_atomic(os.path.join(b.path, CALIBRATION_REPORT), report)
         changes = {"thresholds": record}
         reports = b.manifest.get("reports")

@@ -44,8 +44,9 @@ def save_figure_atomic(fig, path: str, dpi: int = 130) -> str:
 
 
 def plot_curves(curves, path: str, operating_points=(), anytime=(), title: str | None = None,
-                full_flops: float | None = None) -> str:
-    """Accuracy versus expected MFLOPs per sample.
+                full_flops: float | None = None, cumulative_ms=None) -> str:
+    """Accuracy versus expected MFLOPs per sample, or with ``cumulative_ms`` (the measured time per sample to
+    reach and evaluate each exit, see :mod:`dmpo_edge.runtime.latency`) versus expected ms per sample.
 
     ``curves``: [{"label", "points": [point dicts]}] drawn as lines through the points sorted by cost;
     ``anytime``: [{"label", "exits": [{"cumulative_flops", "accuracy"}]}] drawn as markers (one per exit);
@@ -53,31 +54,50 @@ def plot_curves(curves, path: str, operating_points=(), anytime=(), title: str |
     With ``full_flops`` a top axis shows the cost as % of the full model.
     """
     plt = _pyplot()
+    if cumulative_ms is not None:
+        import numpy as np
+
+        cms = np.asarray(cumulative_ms, np.float64)
+
+        def cost(p):  # expected ms per sample of an operating point from its exit distribution
+            return float(np.asarray(p["exit_distribution"], np.float64) @ cms)
+
+        def exit_cost(k, e):
+            return float(cms[k])
+        unit = "ms"
+    else:
+        def cost(p):
+            return p["expected_flops"] / 1e6
+
+        def exit_cost(k, e):
+            return e["cumulative_flops"] / 1e6
+        unit = "MFLOPs"
     fig, ax = plt.subplots(figsize=(7.0, 4.6))
     try:
         for i, c in enumerate(curves):
-            pts = sorted(c["points"], key=lambda p: (p["expected_flops"], p["accuracy"]))
-            ax.plot([p["expected_flops"] / 1e6 for p in pts], [100 * p["accuracy"] for p in pts], "-o", ms=3, lw=1.4,
+            pts = sorted(c["points"], key=lambda p: (cost(p), p["accuracy"]))
+            ax.plot([cost(p) for p in pts], [100 * p["accuracy"] for p in pts], "-o", ms=3, lw=1.4,
                     color=c.get("color", _COLORS[i % len(_COLORS)]), label=c["label"])
         for i, a in enumerate(anytime):
             ex = a["exits"]
-            ax.plot([e["cumulative_flops"] / 1e6 for e in ex], [100 * e["accuracy"] for e in ex], "s", ms=6, mfc="none",
+            ax.plot([exit_cost(k, e) for k, e in enumerate(ex)], [100 * e["accuracy"] for e in ex], "s", ms=6, mfc="none",
                     color=a.get("color", _COLORS[i % len(_COLORS)]), label=a["label"])
         for op in operating_points:
             p = op["point"]
-            x, y = p["expected_flops"] / 1e6, 100 * p["accuracy"]
+            x, y = cost(p), 100 * p["accuracy"]
             color = op.get("color", "tab:red")
             marker = op.get("marker", "*")
             ax.plot([x], [y], marker, ms=16 if marker == "*" else 10, color=color, mec="black", mew=0.6, label=op["label"],
                     zorder=5)
-            ax.annotate(f"{100 * p['accuracy']:.1f}% @ {100 * p['expected_cost']:.0f}% FLOPs",
+            note = f"{x:.3g} ms" if unit == "ms" else f"{100 * p['expected_cost']:.0f}% FLOPs"
+            ax.annotate(f"{100 * p['accuracy']:.1f}% @ {note}",
                         (x, y), textcoords="offset points", xytext=op.get("offset", (8, -14)), fontsize=8, color=color,
                         bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.8})
         ax.margins(x=0.04, y=0.1)  # room for the operating-point notes
-        ax.set_xlabel("expected MFLOPs per sample")
+        ax.set_xlabel(f"expected {unit} per sample" + (" (measured per-stage times)" if unit == "ms" else ""))
         ax.set_ylabel("top-1 accuracy (%)")
         ax.grid(True, alpha=0.3)
-        if full_flops:
+        if full_flops and unit == "MFLOPs":
             scale = 1e6 / float(full_flops) * 100.0
             top = ax.secondary_xaxis("top", functions=(lambda v: v * scale, lambda v: v / scale))
             top.set_xlabel("expected cost (% of the full model's FLOPs)")
@@ -89,8 +109,19 @@ def plot_curves(curves, path: str, operating_points=(), anytime=(), title: str |
         plt.close(fig)
 
 
-def plot_calibration(report: dict, path: str) -> str:
-    """The validation sweep, the per-exit accuracies and the chosen thresholds of a calibration report."""
+def _time_axis(report: dict, cost_axis: str):
+    if cost_axis == "flops":
+        return None
+    lat = report.get("latency")
+    if not lat:
+        raise DmpoEdgeError("plot", "a time axis needs this machine's per-stage times, and the bundle has none for it. "
+                            f"Measure them first: dmpo-edge bench {report.get('bundle', 'BUNDLE')} (writes reports/latency.json)")
+    return lat["cumulative_ms_per_sample"]
+
+
+def plot_calibration(report: dict, path: str, cost_axis: str = "flops") -> str:
+    """The validation sweep, the per-exit accuracies and the chosen thresholds of a calibration report
+    (``cost_axis="time"``: against the expected ms per sample measured on this machine)."""
     chosen = report["chosen"]
     split = report.get("split", {})
     target = chosen.get("target")
@@ -102,11 +133,11 @@ def plot_calibration(report: dict, path: str) -> str:
         anytime=[{"label": "single exit k (all samples)", "exits": report["exits"]}],
         title=f"calibration on {split.get('source', '?')} ({split.get('size', '?')} samples), "
               f"{report.get('precision', '')}, policy {report.get('policy', '')}",
-        full_flops=report.get("full_flops"),
+        full_flops=report.get("full_flops"), cumulative_ms=_time_axis(report, cost_axis),
     )
 
 
-def plot_evaluation(report: dict, path: str, label: str = "early exit") -> str:
+def plot_evaluation(report: dict, path: str, label: str = "early exit", cost_axis: str = "flops") -> str:
     """Curve + per-exit accuracies + the manifest's operating point of an evaluation report."""
     ops = []
     if report.get("operating_point"):
@@ -120,5 +151,5 @@ def plot_evaluation(report: dict, path: str, label: str = "early exit") -> str:
         anytime=[{"label": "single exit k (all samples)", "exits": report["exits"]}],
         title=f"{os.path.basename(report.get('bundle', ''))} on {data.get('source', '?')} ({data.get('size', '?')} samples), "
               f"{report.get('precision', '')}",
-        full_flops=report.get("full_flops"),
+        full_flops=report.get("full_flops"), cumulative_ms=_time_axis(report, cost_axis),
     )

@@ -96,7 +96,7 @@ def test_bench_says_why_a_bundle_without_peer_has_no_speed_up_over_it(capsys, to
     assert rep["peer"] is None and "peer" not in rep["results"][0]
     assert "over_peer" not in rep["results"][0]["early_exit"]["speedup"]
     assert any("no peer one-graph model" in w and "recompile" in w for w in rep["warnings"])
-    assert "speed-up over the peer" not in printed
+    assert "speed-up over the peer (one graph)" not in printed
 
 
 # ---- a subset of the model's exits --------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def test_bench_records_per_stage_times_and_calibrate_meets_a_latency_budget(caps
     budget = 0.5 * (one[0] + one[-1])
     out = os.path.join(digits_toy, "cal.json")
     assert main(["calibrate", digits_toy, "--val", "digits:val", "--latency-budget", f"{budget:.6f}", "--json", out,
-                 "--quiet"]) == 0
+                 "--cost-axis", "time", "--quiet"]) == 0
     printed = capsys.readouterr().out
     cal = json.load(open(out))
     assert cal["thresholds"]["method"] == "latency_budget_ms" and cal["latency"]["batch"] == 1
@@ -72,6 +72,10 @@ def test_bench_records_per_stage_times_and_calibrate_meets_a_latency_budget(caps
     assert expected_ms <= budget * (1 + 1e-9)
     assert "ms per sample expected" in printed and "exits that pay" in printed
     assert Bundle.load(digits_toy).thresholds == pytest.approx(cal["thresholds"]["values"])
+    assert os.path.getsize(os.path.join(digits_toy, "reports", "calibration.png")) > 1000
+    png = os.path.join(digits_toy, "eval.png")
+    assert main(["eval", digits_toy, "--data", "digits:test", "--plot", png, "--cost-axis", "time", "--quiet"]) == 0
+    assert os.path.getsize(png) > 1000
     pay = cal["exit_payoff"]["ms_per_sample"]
     assert [p["exit"] for p in pay] == [0, 1] and all(p["net"] == pytest.approx(p["saving"] - p["head_cost"]) for p in pay)
 
@@ -79,6 +83,8 @@ def test_bench_records_per_stage_times_and_calibrate_meets_a_latency_budget(caps
 def test_latency_budget_errors_name_the_command_that_measures(capsys, digits_toy):
     msg = _err(capsys, ["calibrate", digits_toy, "--val", "digits:val", "--latency-budget", "1", "--quiet"])
     assert "no latency report" in msg and f"dmpo-edge bench {os.path.abspath(digits_toy)}" in msg
+    msg = _err(capsys, ["eval", digits_toy, "--data", "digits:test", "--plot", "x.png", "--cost-axis", "time", "--quiet"])
+    assert "no latency report" in msg and "dmpo-edge bench" in msg
     assert main(["bench", digits_toy, "--batch", "1"] + QUICK) == 0
     capsys.readouterr()
     one = json.load(open(os.path.join(digits_toy, "reports", "latency.json")))["entries"][0]["cumulative_ms_per_sample"]

@@ -30,6 +30,9 @@ def add_arguments(p) -> None:
     p.add_argument("--latency-batch", type=int, metavar="B",
                    help="with --latency-budget: the batch size whose timings to use (default 1 when measured, else the "
                         "smallest measured)")
+    p.add_argument("--cost-axis", default="flops", choices=("flops", "time"),
+                   help="cost axis of reports/calibration.png: expected FLOPs (default) or expected ms per sample from "
+                        "this machine's measured per-stage times")
     p.add_argument("--pick-budget", type=float, metavar="X", help="with --sweep: the cost cap for the recorded point")
     p.add_argument("--batch-size", type=int, default=64, help="stage batch size while measuring (default 64)")
     p.add_argument("--backend", default="ort", help="backend that runs the stages (default ort: ONNX Runtime)")
@@ -104,7 +107,8 @@ def run(args) -> int:
     bundle = Bundle.load(args.bundle)
     report = calibrate(bundle, args.val, budget=args.budget, max_drop=args.max_drop, sweep_only=args.sweep,
                        pick_budget=args.pick_budget, batch_size=args.batch_size, backend=args.backend,
-                       progress=not args.quiet, latency_budget_ms=args.latency_budget, latency_batch=args.latency_batch)
+                       progress=not args.quiet, latency_budget_ms=args.latency_budget, latency_batch=args.latency_batch,
+                       cost_axis=args.cost_axis)
     split = report["split"]
     print(f"calibrated {bundle.path} ({report['precision']}, policy {report['policy']}) on {split['source']} "
           f"({split['size']} samples)")

@@ -16,6 +16,9 @@ def add_arguments(p) -> None:
                    help="labelled test data: a folder with one sub-folder per class, or digits:test")
     p.add_argument("--json", metavar="OUT", help="write the evaluation report (JSON) to OUT")
     p.add_argument("--plot", metavar="OUT.png", help="write the accuracy-versus-FLOPs plot (PNG) to OUT.png")
+    p.add_argument("--cost-axis", default="flops", choices=("flops", "time"),
+                   help="plot against expected FLOPs (default) or expected ms per sample from the per-stage times "
+                        "'dmpo-edge bench' measured on this machine")
     p.add_argument("--batch-size", type=int, default=64, help="stage batch size (default 64)")
     p.add_argument("--backend", default="ort", help="backend that runs the stages (default ort: ONNX Runtime)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -29,6 +32,12 @@ def run(args) -> int:
 
     bundle = Bundle.load(args.bundle)
     report = evaluate(bundle, args.data, batch_size=args.batch_size, backend=args.backend, progress=not args.quiet)
+    if args.cost_axis == "time":
+        from ..calib.latency_budget import latency_costs
+
+        cum_ms, entry = latency_costs(bundle)  # no timings for this machine: one clear error, before any output
+        report["latency"] = {"batch": int(entry["batch"]), "backend": entry["backend"], "machine": entry["machine"],
+                             "cumulative_ms_per_sample": cum_ms}
     data = report["data"]
     print(f"evaluated {bundle.path} ({report['precision']}, policy {report['policy']}) on {data['source']} "
           f"({data['size']} samples); full model {report['full_flops'] / 1e6:.3f} MFLOPs/sample")
@@ -50,6 +59,6 @@ def run(args) -> int:
     if args.plot:
         from ..calib.plots import plot_evaluation
 
-        plot_evaluation(report, args.plot)
+        plot_evaluation(report, args.plot, cost_axis=args.cost_axis)
         print(f"wrote {args.plot}")
     return 0
