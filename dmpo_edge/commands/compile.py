@@ -112,6 +112,9 @@ def _print_summary(bundle, seconds: float) -> None:
         print(f"cpu variant: {cpu['format']} (U8 activations, {weights}, for {isa}); ONNX Runtime here, all stages, batch "
               f"{cpu['timing_batch']}: {t.get('cpu_variant', 0):.1f} ms vs fp32 {t.get('fp32', 0):.1f} ms "
               f"(TensorRT form in ONNX Runtime {t.get('tensorrt_form', 0):.1f} ms)")
+        per = [r.get("format") for r in cpu.get("per_stage") or []]
+        if per:
+            print("cpu form per stage, fastest here within the budget: " + " / ".join(map(str, per)))
 
 
 def run(args) -> int:
