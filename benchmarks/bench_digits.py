@@ -344,9 +344,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     ap.add_argument("--force", action="store_true", help="recompile and recalibrate the bundles")
     ap.add_argument("--retune", action="store_true", help="tune a new model even if out/digits_model.pt exists")
+    ap.add_argument("--model", help="benchmark this digits model.pt instead of out/digits_model.pt")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    model = ensure_model(args.retune)
+    model = os.path.abspath(args.model) if args.model else ensure_model(args.retune)
     reports, sweeps, plots = {}, {}, {}
     for prec in [p.strip() for p in args.precisions.split(",") if p.strip()]:
         path = os.path.join(args.out, f"digits_{prec}")
