@@ -301,6 +301,7 @@ def compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", cali
                     sens = _sensitivity(fp32_paths, stage_files, cpu_files, prec, prec_report, hold_chain, data, scratch,
                                         max_exit_drop, "asked for (--sensitivity)" if sensitivity else
                                         "the INT8 bundle misses its accuracy budget (accepted with --accept-drop)")
+                    os.makedirs(os.path.join(bundle_dir, "reports"), exist_ok=True)  # written before the other reports
                     write_json_atomic(os.path.join(bundle_dir, "reports", "sensitivity.json"), sens)
                     reports["sensitivity"] = "reports/sensitivity.json"
                     timings["sensitivity_s"] = time.perf_counter() - t0
