@@ -82,7 +82,10 @@ def ensure_bundle(model: str, path: str, precision: str, force: bool) -> Bundle:
     from dmpo_edge.compile import compile_bundle
 
     kw = {"precision": precision, "force": True}
-    params = inspect.signature(compile_bundle).parameters
+    from dmpo_edge.compile.compiler import compile_model
+
+    # compile_bundle passes its keyword options on to compile_model
+    params = {**inspect.signature(compile_model).parameters, **inspect.signature(compile_bundle).parameters}
     if precision == "int8" and "calib" in params:
         kw["calib"] = "digits:train"  # INT8 ranges from the training split, never the bench (test) split
         if "holdout" in params:  # accuracy of each candidate form judged on the validation split, never the test split
