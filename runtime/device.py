@@ -317,10 +317,26 @@ class CudaPythonDevice(Device):
         self._pinned = []
 
 
+def _cuda_python_importable() -> bool:
+    return available("cuda.bindings.runtime") or available("cuda.cudart")
+
+
 def get_device(impl: str = "auto", index: int = 0) -> Device:
-    """``pycuda`` or ``cuda-python`` (``auto``: pycuda when it imports, else cuda-python)."""
+    """``pycuda`` or ``cuda-python``. ``auto``: cuda-python when it imports and answers (it is the layer with CUDA
+    graphs), else pycuda; a cuda-python built for a newer CUDA major than the driver fails to answer and falls
+    back to pycuda here instead of failing."""
     if impl == "auto":
-        impl = "pycuda" if available("pycuda.driver") else "cuda-python"
+        first_error = None
+        for name, importable in (("cuda-python", _cuda_python_importable()), ("pycuda", available("pycuda.driver"))):
+            if not importable:
+                continue
+            try:
+                return get_device(name, index)
+            except DmpoEdgeError as exc:
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+        impl = "cuda-python"  # neither imports: require() names the extra to install
     if impl == "pycuda":
         return PycudaDevice(index)
     if impl in ("cuda-python", "cuda", "cudart"):
@@ -330,16 +346,21 @@ def get_device(impl: str = "auto", index: int = 0) -> Device:
 
 def cuda_device_present() -> bool:
     """True when a CUDA device answers (never raises)."""
-    try:
-        if available("pycuda.driver"):
+    if _cuda_python_importable():
+        try:
+            err, n = _cudart().cudaGetDeviceCount()
+            if int(err) == 0 and n > 0:
+                return True
+        except Exception:
+            pass
+    if available("pycuda.driver"):
+        try:
             cuda = require("pycuda.driver")
             cuda.init()
             return cuda.Device.count() > 0
-        rt = _cudart()
-        err, n = rt.cudaGetDeviceCount()
-        return int(err) == 0 and n > 0
-    except Exception:
-        return False
+        except Exception:
+            pass
+    return False
 
 
 def device_info(dev: Device | None = None) -> dict:

@@ -150,15 +150,16 @@ def make_slot(backend, k: int, key: tuple) -> GraphSlot:
     profile and shapes, and fixed device buffers of the bucket's size bound to every tensor."""
     trt, st, dev = backend.trt, backend.stages[k], backend.dev
     shapes = {name: tuple(shape) for name, shape in key}
-    strategy = getattr(getattr(trt, "ExecutionContextAllocationStrategy", None), "USER_MANAGED", None)
-    if strategy is not None and hasattr(trt.IExecutionContext, "set_device_memory"):
+    # USER_MANAGED contexts (TensorRT >= 10.1: the strategy enum and set_device_memory) share one scratch;
+    # older releases allocate per context
+    if hasattr(trt, "ExecutionContextAllocationStrategy") and hasattr(trt.IExecutionContext, "set_device_memory"):
         # one scratch per stage: its slots run one after another on the stage's stream
         size = int(st.engine.device_memory_size_v2)  # 10.1+ like set_device_memory; 11.x has no device_memory_size
         if st.scratch is None or st.scratch.nbytes < size:
             if st.scratch is not None:
                 st.scratch.free()
             st.scratch = dev.malloc(max(size, 1))
-        ctx = st.engine.create_execution_context(strategy)
+        ctx = st.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if ctx is not None:
             ctx.set_device_memory(st.scratch.ptr, st.scratch.nbytes)
     else:
