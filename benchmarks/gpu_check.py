@@ -62,7 +62,7 @@ from dmpo_edge.errors import DmpoEdgeError  # noqa: E402
 from gpu_checks.bundles import resolve_bundle  # noqa: E402
 from gpu_checks.context import Ctx  # noqa: E402
 from gpu_checks.device import device_impls, step_device_layer  # noqa: E402
-from gpu_checks.engines import step_trt  # noqa: E402
+from gpu_checks.engines import step_lean_runtime, step_trt  # noqa: E402
 from gpu_checks.environment import environment, probe_cuda  # noqa: E402
 from gpu_checks.kit import DEFAULT_KIT, add_site, install_pycuda, prepare_kit, pycuda_plan  # noqa: E402
 from gpu_checks.pipelines import (  # noqa: E402
@@ -190,12 +190,17 @@ def main(argv=None) -> int:
         elif not ctx.checkpoint:
             skip = "no checkpoint for the bundle (pass --model)"
         report.run("torch_parity", "stage parity (all stages)", tb, lambda: step_torch_parity(ctx), skip=skip)
-        for variant in ("default", "refill", "buckets"):
+        for variant in ("default", "refill", "buckets", "buckets+refill"):
             report.run(f"torch_pipeline_{variant}", f"early-exit pipeline ({variant})", tb,
                        lambda variant=variant: step_torch_pipeline(ctx, variant), skip=skip)
         if "CUDAExecutionProvider" in (env.get("ort_providers") or []) and not args.dry_run:
             report.run("ort_cuda_pipeline", "early-exit pipeline", "ort/cuda", lambda: step_ort_cuda(ctx))
         # ---- TensorRT ------------------------------------------------------------------------------------
+        lean_skip = (None if available("tensorrt_lean_bindings") or os.path.isdir(os.path.join(args.kit, "wheels")) else
+                     "tensorrt_lean_bindings is not installed and there is no kit (pip install tensorrt-lean-cu13-libs "
+                     "tensorrt-lean-cu13-bindings, or benchmarks/gpu_kit.sh)")
+        report.run("trt_lean_runtime", "TensorRT lean runtime (kit wheels)", "trt-lean", lambda: step_lean_runtime(ctx),
+                   skip=lean_skip)
         precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
         trt_skip = ("dry run (no CUDA)" if args.dry_run and available("tensorrt") else
                     None if available("tensorrt") else "TensorRT is not installed")

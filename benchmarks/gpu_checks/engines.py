@@ -1,5 +1,7 @@
 """TensorRT checks: engines built for this GPU per precision, their parity with ONNX Runtime, per-stage timings,
-and the TensorRT backend's early-exit pipeline (default, refill, CUDA graphs) against the CPU pipeline."""
+and the TensorRT backend's early-exit pipeline (default, refill, CUDA graphs) against the CPU pipeline; and,
+on any GPU machine, NVIDIA's lean TensorRT runtime (carried in the kit as two wheels) imported and a ``Runtime``
+created on the GPU."""
 
 from __future__ import annotations
 
@@ -19,10 +21,72 @@ from .bundles import precision_bundle
 from .reference import TRT_TOL, cmp_detail, compare_exits, ort_backend, run_pipeline, stage_parity, static_run, timing, timing_text
 from .report import SKIP
 
-__all__ = ["step_trt"]
+__all__ = ["step_trt", "step_lean_runtime", "LEAN_WHEELS"]
+
+#: the lean TensorRT runtime's wheels (module, distribution), installed from the kit where they are missing
+LEAN_WHEELS = (("tensorrt_lean_libs", "tensorrt_lean_cu13_libs"), ("tensorrt_lean_bindings", "tensorrt_lean_cu13_bindings"))
+#: the CUDA major the carried lean wheels are built for (cu13): an older driver cannot run them
+LEAN_CUDA_MAJOR = 13
 
 
-def _engine_stagetiming(be, bundle, x, batch: int, reps: int) -> list:
+def _driver_cuda_major():
+    """The CUDA version the driver supports (major), from cuda-python; None when unknown."""
+    for name in ("cuda.bindings.runtime", "cuda.cudart"):
+        if available(name):
+            import importlib
+
+            err, v = importlib.import_module(name).cudaDriverGetVersion()
+            return int(v) // 1000 if int(err) == 0 and v else None
+    return None
+
+
+def step_lean_runtime(ctx) -> dict:
+    """``import tensorrt_lean_bindings`` (from the kit's wheels when missing) and ``trt.Runtime`` on the GPU.
+
+    A logger of our own collects TensorRT's messages: the binding returns a Runtime object even when TensorRT
+    could not initialise CUDA, and says so only in the log. The dry run imports and introspects only."""
+    from .kit import ensure_from_kit
+
+    how = []
+    for module, dist in LEAN_WHEELS:
+        how.append(f"{dist}: {ensure_from_kit(module, dist, ctx.args.kit, ctx.site)}")
+    import tensorrt_lean_bindings as trt
+
+    out = {"tensorrt_lean": trt.__version__, "installed": how, "cuda_major_needed": LEAN_CUDA_MAJOR}
+    api = [n for n in ("Runtime", "ICudaEngine", "IExecutionContext", "TensorIOMode", "ExecutionContextAllocationStrategy")
+           if not hasattr(trt, n)]
+    if api:
+        return dict(out, ok=False, detail=f"TensorRT {trt.__version__} lean bindings lack {', '.join(api)}")
+    if ctx.args.dry_run:
+        return dict(out, ok=None, detail=f"dry run: TensorRT {trt.__version__} lean runtime bindings import "
+                    "(Runtime not created: no GPU)")
+    driver = _driver_cuda_major()
+    out["driver_cuda_major"] = driver
+    if driver is not None and driver < LEAN_CUDA_MAJOR:
+        return dict(out, ok=None, detail=f"TensorRT {trt.__version__} lean (cu{LEAN_CUDA_MAJOR}) imports; the driver "
+                    f"supports CUDA {driver} only, so no Runtime (carry the cu12 lean wheels for this machine)")
+
+    class Collect(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.messages = []
+
+        def log(self, severity, msg):
+            self.messages.append((str(severity), str(msg)))
+
+    logger = Collect()
+    runtime = trt.Runtime(logger)
+    errors = [m for sev, m in logger.messages if "ERROR" in sev]
+    out["log"] = logger.messages[-10:]
+    ok = runtime is not None and not errors
+    engine = runtime.deserialize_cuda_engine(b"not an engine") if ok else None
+    return dict(out, ok=ok and engine is None,
+                detail=(f"TensorRT {trt.__version__} lean runtime: Runtime created on the GPU, a corrupt plan refused "
+                        "cleanly" if ok and engine is None else
+                        f"TensorRT {trt.__version__} lean runtime: {errors[0] if errors else 'no Runtime'}"))
+
+
+def _engine_stage_timing(be, bundle, x, batch: int, reps: int) -> list:
     """Median ms of each stage engine at ``batch``, input upload and the three small downloads included
     (every sample survives: keep_idx = arange; features stay on the device between stages)."""
     xb = x[:batch]
@@ -88,7 +152,7 @@ def step_trt(ctx, precision: str) -> None:
     def parity():
         with TrtBackend(bundle, device=impl) as be:
             trt_static["out"] = static_run(bundle, ctx.x, ctx.batch, be)
-            ms = _engine_stagetiming(be, bundle, ctx.x, ctx.batch, a.engine_reps)
+            ms = _engine_stage_timing(be, bundle, ctx.x, ctx.batch, a.engine_reps)
         r = stage_parity(ort_ref, trt_static["out"], tol)
         r["stage_ms"] = ms
         r["detail"] = (f"vs ONNX Runtime CPU on the same graphs: {r['detail']}; per-stage engine ms at batch {ctx.batch}: "

@@ -70,7 +70,8 @@ def step_torch_parity(ctx) -> dict:
 def step_torch_pipeline(ctx, variant: str) -> dict:
     a = ctx.args
     opts = {"default": {}, "refill": {"refill": True, "max_in_flight": a.in_flight + 1},
-            "buckets": {"buckets": "pow2"}}[variant]
+            "buckets": {"buckets": "pow2"},
+            "buckets+refill": {"buckets": "pow2", "refill": True, "max_in_flight": a.in_flight + 1}}[variant]
     kw = {"max_in_flight": a.in_flight}
     kw.update(opts)
     run = run_pipeline(ctx.bundle, _torch_backend(ctx), ctx.thresholds, ctx.x, ctx.batch, repeats=a.repeats,
@@ -82,9 +83,9 @@ def step_torch_pipeline(ctx, variant: str) -> dict:
     merged = sum(s.get("merged", 0) for s in run["stats"])
     padded = sum(s.get("padded", 0) for s in run["stats"])
     flight = f"{kw['max_in_flight']} batches of {ctx.batch} in flight"
-    if variant == "refill":
+    if "refill" in variant:
         flight += f", refill merged {merged} groups"
-    if variant == "buckets":
+    if "buckets" in variant:
         flight += f", pow2 buckets padded {padded} rows"
     c["detail"] = cmp_detail(c, timing_text(c)) + f" ({flight}; vs the CPU pipeline)"
     return c
