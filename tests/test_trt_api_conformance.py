@@ -522,14 +522,24 @@ def test_the_builder_type_checks_against_tensorrt_stubs(tmp_path):
     shutil.copyfile(os.path.join(os.path.dirname(os.path.dirname(stub)), "tensorrt", "__init__.pyi"),
                     stubs / "tensorrt" / "__init__.pyi")
     env = dict(os.environ, MYPYPATH=str(stubs))
+    # and, in the same run, a copy with a misspelt method and a misspelt keyword: mypy must flag both
+    with open(os.path.join(ROOT, "compile", "trt_builder.py")) as f:
+        src = f.read()
+    bad = src.replace("config.set_memory_pool_limit(", "config.set_memory_pool_limt(").replace(
+        "set_timing_cache(cache, ignore_mismatch=False)", "set_timing_cache(cache, ignore_mismatchx=False)")
+    assert bad != src
+    (tmp_path / "misspelt_builder.py").write_text(bad)
     cmd = [sys.executable, "-m", "mypy", "--follow-imports=silent", "--ignore-missing-imports", "--no-error-summary",
            "--cache-dir", str(tmp_path / "cache"), "--python-version", "3.10",
-           os.path.join(ROOT, "compile", "trt_builder.py")]
+           os.path.join(ROOT, "compile", "trt_builder.py"), str(tmp_path / "misspelt_builder.py")]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=str(tmp_path))
-    # the stubs themselves carry stubgen artefacts (``bool`` shadowed, ``capsule``): only our module's lines count
+    # the stubs themselves carry stubgen artefacts (``bool`` shadowed, ``capsule``): only our modules' lines count
     ours = [ln for ln in p.stdout.splitlines() if "trt_builder.py" in ln and ": error:" in ln]
-    assert p.returncode in (0, 1) and "trt_builder.py" not in p.stderr, p.stderr[-2000:]
+    flagged = [ln for ln in p.stdout.splitlines() if "misspelt_builder.py" in ln and ": error:" in ln]
+    assert p.returncode in (0, 1) and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert ours == [], "\n".join(ours)
+    assert any("set_memory_pool_limt" in ln for ln in flagged), p.stdout[-3000:]
+    assert any("ignore_mismatchx" in ln for ln in flagged), p.stdout[-3000:]
     # mypy really read the stubs: the builder's TensorRT names resolve to their classes
     assert "Cannot find implementation or library stub" not in p.stdout
 
