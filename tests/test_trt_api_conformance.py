@@ -646,3 +646,106 @@ def test_torch_tensorrt_is_called_only_with_checked_keywords():
     assert len(calls) == 1
     c = calls[0]
     assert len(c.args) == 1 and [k.arg for k in c.keywords] == [None]  # (prog, **kwargs)
+
+
+# --- what the conformance tools must not change ---------------------------------------------------------------
+def test_type_stubs_never_count_as_tensorrt(tmp_path):
+    """tensorrt-stubs installs a bare ``tensorrt/__init__.pyi``, which imports as an empty namespace package: the
+    runtime must still see no TensorRT (else ``--backend auto`` would pick engines it cannot run)."""
+    (tmp_path / "tensorrt").mkdir()
+    (tmp_path / "tensorrt" / "__init__.pyi").write_text("def nptype(t): ...\n")
+    code = ("import tensorrt, sys\n"  # the namespace import itself succeeds
+            "from dmpo_edge._lazy import available, require\n"
+            "from dmpo_edge.errors import DmpoEdgeError\n"
+            "from dmpo_edge.runtime.backends.trt import trt_ready\n"
+            "assert not available('tensorrt')\n"
+            "try:\n    require('tensorrt', 'running TensorRT engines')\nexcept DmpoEdgeError as e:\n    print(e)\n"
+            "else:\n    sys.exit('require returned the stub namespace')\n"
+            "assert available('numpy')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "only type stubs of 'tensorrt' are installed" in p.stdout
+
+
+def test_a_graph_slot_is_its_own_context_with_the_bucket_profile_shapes_and_buffers(toy_bundle):
+    """make_slot on recording stand-ins for TensorRT's engine and context (no GPU here): one new context per
+    bucket, on the shared scratch, switched to the bucket's profile, with its shapes and its own buffers of the
+    bucket's size bound under the engine's tensor names (io_map applied)."""
+    import numpy as np
+
+    from dmpo_edge.runtime.backends.trt import TrtBackend, _Stage
+    from dmpo_edge.runtime.backends.trt_graphs import bucket_key, make_slot
+
+    class Ctx:
+        def __init__(self, strategy):
+            self.strategy, self.calls = strategy, []
+
+        def set_device_memory(self, ptr, size):
+            self.calls.append(("memory", ptr, size))
+
+        def set_optimization_profile_async(self, p, stream):
+            self.calls.append(("profile", p))
+            return True
+
+        def set_input_shape(self, name, shape):
+            self.calls.append(("shape", name, tuple(shape)))
+            return True
+
+        def set_tensor_address(self, name, ptr):
+            self.calls.append(("address", name, ptr))
+            return True
+
+    class Engine:
+        device_memory_size_v2 = 4096
+
+        def __init__(self):
+            self.contexts = []
+
+        def create_execution_context(self, strategy=None):
+            self.contexts.append(Ctx(strategy))
+            return self.contexts[-1]
+
+    class Trt:
+        class ExecutionContextAllocationStrategy:
+            USER_MANAGED = "user-managed"
+
+        IExecutionContext = Ctx
+
+    class Dev:
+        def __init__(self):
+            self.allocs = []
+
+        def malloc(self, n):
+            from dmpo_edge.runtime.device import DeviceBuffer
+
+            self.allocs.append(n)
+            return DeviceBuffer(1000 * len(self.allocs), n)
+
+        def stream_handle(self, s):
+            return 5
+
+    be = TrtBackend(toy_bundle(num_stages=2, seed=21).path)
+    be.trt, be.dev = Trt, Dev()
+    st = _Stage()
+    st.engine, st.stream = Engine(), object()
+    st.inputs, st.outputs = ["features_in", "keep_idx"], ["logits", "confidence", "prediction"]
+    st.engine_names = {"logits": "output0", "confidence": "output1", "prediction": "output2"}
+    st.dtypes = {"features_in": np.dtype(np.float32), "keep_idx": np.dtype(np.int32), "logits": np.dtype(np.float32),
+                 "confidence": np.dtype(np.float32), "prediction": np.dtype(np.int64)}
+    st.sample_shape = {"features_in": (5, 8), "keep_idx": (), "logits": (10,), "confidence": (), "prediction": ()}
+    st.profiles = [{"features_in": (1, 64), "keep_idx": (1, 64)}, {"features_in": (1, 64), "keep_idx": (1, 8)},
+                   {"features_in": (1, 64), "keep_idx": (9, 16)}]
+    be.stages = [_Stage(), st]  # stage 1: features_in + keep_idx
+    s8 = make_slot(be, 1, bucket_key({"features_in": (16, 5, 8), "keep_idx": (8,)}))
+    s16 = make_slot(be, 1, bucket_key({"features_in": (16, 5, 8), "keep_idx": (16,)}))
+    assert s8.context is not s16.context and len(st.engine.contexts) == 2
+    assert all(c.strategy == "user-managed" for c in st.engine.contexts)
+    assert s8.context.calls[0] == ("memory", st.scratch.ptr, 4096) == s16.context.calls[0]  # one shared scratch
+    assert ("profile", 1) in s8.context.calls and ("profile", 2) in s16.context.calls
+    assert ("shape", "keep_idx", (8,)) in s8.context.calls and ("shape", "features_in", (16, 5, 8)) in s8.context.calls
+    # buffers of the bucket's size, bound under the engine's names; the two slots share none
+    assert s8.bufs["features_in"].nbytes == 16 * 5 * 8 * 4 and s8.bufs["keep_idx"].nbytes == 8 * 4
+    assert s8.bufs["logits"].nbytes == 8 * 10 * 4 and s16.bufs["prediction"].nbytes == 16 * 8
+    assert ("address", "output0", s8.bufs["logits"].ptr) in s8.context.calls
+    assert not {b.ptr for b in s8.bufs.values()} & {b.ptr for b in s16.bufs.values()}
