@@ -11,16 +11,22 @@ What it does, top to bottom (each step is one row of the table printed at the en
 4. the CPU reference: every stage on every input with ONNX Runtime on the CPU, exit thresholds chosen so that
    every exit takes a share, and the early-exit pipeline on the CPU (checked against the numpy reference);
 5. the device layer (``dmpo_edge.runtime.device``, pycuda and cuda-python): page-locked buffers, async copies on
-   two streams ordered by an event, the ``keep_idx`` survivor gather run on the device (torch ``index_select``
-   on the layer's own memory and stream; a TensorRT Gather engine where TensorRT is installed) and the TensorRT
-   backend's refill copies, all bit for bit against numpy;
+   two streams ordered by an event, the layer's own CUDA graph capture / instantiate / launch on a real stream
+   (copies and the survivor gather captured once, replayed with new data), its timing events against the wall
+   clock, the ``keep_idx`` survivor gather run on the device (torch ``index_select`` on the layer's own memory and
+   stream; a TensorRT Gather engine where TensorRT is installed) and the TensorRT backend's refill copies, all
+   bit for bit against numpy;
 6. the early-exit pipeline on the GPU with several batches in flight, through the runtime's own Pipeline, on a
    torch-on-CUDA stage backend (``gpu_checks/torch_backend.py``; it stands in for the engines where TensorRT is
    missing): every sample's exit stage and class against the CPU pipeline's (identical except for samples whose
    confidence lies within ``--band`` of a threshold: those are listed);
-7. where TensorRT imports: engines built with ``dmpo_edge.compile.build_engines`` for the fp32 bundle and the
+7. NVIDIA's lean TensorRT runtime (two wheels carried in the kit) imported and a ``Runtime`` created on the GPU;
+   where the full TensorRT imports: engines built with ``dmpo_edge.compile.build_engines`` for the fp32 bundle and the
    kit's fp16 / int8 bundles, per-stage parity with ONNX Runtime, the pipeline comparison, and per-stage engine
    timings against the static model (every stage on every sample).
+
+The checks live in ``benchmarks/gpu_checks/`` (one module per job: report, kit, bundles, reference, device,
+regroup, pipelines, engines); this script is the driver.
 
 ``--dry-run`` runs every step that needs no CUDA on the CPU (the torch backend on the CPU device, a host-memory
 device layer) so that the comparison logic, the table and the JSON are tested here (tests/test_gpu_check.py).
@@ -152,7 +158,8 @@ def main(argv=None) -> int:
                f"{'DRY RUN (CPU), ' if args.dry_run else ''}{gpu}; torch {env['packages']['torch']}, TensorRT "
                f"{env.get('tensorrt') or '-'}, ORT {env['packages']['onnxruntime'] or env['packages']['onnxruntime-gpu'] or '-'}, "
                f"cuda-python {env['packages']['cuda-python'] or env['packages']['cuda-bindings'] or '-'}, "
-               f"pycuda {env['packages']['pycuda'] or '-'}", env)
+               f"pycuda {env['packages']['pycuda'] or '-'}"
+               + (f"; kit {env['kit']['bytes'] / 2**20:.1f} MiB" if env.get("kit") else "; no kit"), env)
     try:
         # ---- pycuda -------------------------------------------------------------------------------------
         if available("pycuda.driver"):

@@ -76,7 +76,8 @@ fi
 size_kib=$(du -sk "$tmp/kit" | cut -f1)
 size_mib=$(( (size_kib + 1023) / 1024 ))
 if [ "$size_kib" -ge $(( LIMIT_MIB * 1024 )) ]; then
-  echo "gpu_kit.sh: the kit is ${size_mib} MiB, over the ${LIMIT_MIB} MiB limit. Use --precisions fp32 or a smaller --model" >&2
+  echo "gpu_kit.sh: the kit is ${size_mib} MiB, over the ${LIMIT_MIB} MiB limit. Use --precisions fp32, a smaller --model," \
+    "or LEAN_WHEELS=0 (the lean TensorRT runtime is about 46 MB of it)" >&2
   exit 1
 fi
 rm -rf "$KIT_DIR.old"

@@ -61,6 +61,9 @@ def check_copies(dev: Device, mib: int = 16, seed: int = 0) -> dict:
         finally:
             a.free()
             b.free()
+            dev.destroy_event(ev)
+            for s in (s1, s2):
+                dev.destroy_stream(s)
     gbps = lambda t: round(n / t / 1e9, 2) if t > 0 else None  # noqa: E731
     return {"ok": bool(ok and ok_offset), "bytes": n, "roundtrip_bit_exact": bool(ok), "offset_copy_bit_exact": bool(ok_offset),
             "h2d_GBps": gbps(t_h2d), "d2h_GBps": gbps(t_d2h), "impl": dev.impl}
@@ -123,6 +126,8 @@ def check_refill_merge(dev: Device, bundle, rows: int = 40, shape=(17, 32), seed
             be.stages = []
             for b in bufs:
                 b.free()
+            for s in (st.stream, st.merge_stream):
+                dev.destroy_stream(s)
     return {"ok": bool(ok and returned), "merged_rows": int(want.shape[0]), "bit_exact": bool(ok),
             "sources_released": bool(returned), "impl": dev.impl}
 

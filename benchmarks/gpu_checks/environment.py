@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 
@@ -10,7 +11,7 @@ import numpy as np
 from dmpo_edge._lazy import available, installed_version, require
 
 from . import checkout
-from .kit import find_cuda_toolkit
+from .kit import find_cuda_toolkit, kit_size
 from .report import one_line
 
 __all__ = ["environment", "probe_cuda"]
@@ -25,6 +26,9 @@ def environment(args, cuda: dict) -> dict:
                                                "nvidia-modelopt", "scikit-learn")},
         "cuda": cuda, "toolkit": find_cuda_toolkit(),
     }
+    kit = getattr(args, "kit", None)
+    if kit and os.path.isdir(kit):
+        env["kit"] = {"path": kit, "bytes": kit_size(kit)}
     if available("tensorrt"):
         env["tensorrt"] = require("tensorrt").__version__
     if available("onnxruntime"):

@@ -27,7 +27,7 @@ from dmpo_edge.errors import DmpoEdgeError
 from .checkout import ROOT
 
 __all__ = ["DEFAULT_KIT", "TINY_PRE", "find_cuda_toolkit", "add_site", "ensure_from_kit", "pycuda_plan", "install_pycuda",
-           "with_parallel_compile",
+           "with_parallel_compile", "kit_size",
            "make_tiny_checkpoint", "read_kit", "prepare_kit"]
 
 DEFAULT_KIT = os.path.join(ROOT, "out", "gpu_kit")
@@ -240,6 +240,12 @@ def make_tiny_checkpoint(path: str, steps: int, device: str = "cpu", seed: int =
             "final_loss": None if loss is None else round(float(loss), 4)}
 
 
+
+
+def kit_size(kit: str) -> int:
+    """Bytes under the kit folder (it travels with the repository: the two together stay under 64 MiB)."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(kit) for f in files
+               if not os.path.islink(os.path.join(d, f)))
 
 
 def read_kit(kit: str) -> dict | None:

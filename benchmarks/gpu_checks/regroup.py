@@ -83,6 +83,9 @@ def check_gather(dev: Device, torch, cuda: bool, rows: int = 96, shape=(17, 32),
                     ok = ok and same
             finally:
                 buf.free()
+        if cuda:
+            dev.synchronize(stream)  # torch's work on the external stream is done before the stream goes
+        dev.destroy_stream(stream)
     return {"ok": bool(ok), "cases": results, "runner": "torch.index_select on " + ("cuda" if cuda else "cpu"),
             "impl": dev.impl}
 
@@ -156,4 +159,5 @@ def check_trt_gather(dev: Device, trt, rows: int = 64, width: int = 544, seed: i
                 for b in (d_f, d_k, d_o):
                     b.free()
                 ctx = engine = None
+        dev.destroy_stream(stream)
     return {"ok": bool(ok), "cases": results, "runner": f"TensorRT {trt.__version__} Gather engine", "impl": dev.impl}
