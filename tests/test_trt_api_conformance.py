@@ -424,15 +424,34 @@ def _lean():
     return tensorrt_lean_bindings
 
 
-def _stub_path() -> str:
-    import importlib.util
+#: where the tensorrt-stubs wheel is looked for: $DMPO_TRT_STUBS (a .whl or a folder), else .stubs/ (README command)
+STUBS_WHEEL = "tensorrt_stubs-10.13.0.35.1-py3-none-any.whl"
 
-    spec = importlib.util.find_spec("tensorrt_bindings")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        p = os.path.join(folder, "tensorrt.pyi")
-        if os.path.isfile(p):
-            return p
-    pytest.skip("tensorrt-stubs is not installed (.ci/run installs it: pip install --no-deps tensorrt-stubs)")
+
+@pytest.fixture(scope="module")
+def stub_root(tmp_path_factory) -> str:
+    """The tensorrt-stubs wheel unpacked into a folder of its own (``tensorrt/``, ``tensorrt_bindings/``).
+
+    Never installed: a stub-only ``tensorrt`` package in site-packages makes ``import tensorrt`` succeed, and third
+    parties that probe for TensorRT that way (ModelOpt's ONNX quantizer) then fail on it. The README's test command
+    downloads the wheel into ``.stubs/`` (``pip download --no-deps``: the wheel requires the full tensorrt)."""
+    import glob
+    import zipfile
+
+    where = os.environ.get("DMPO_TRT_STUBS") or os.path.join(ROOT, ".stubs")
+    wheels = [where] if where.endswith(".whl") else sorted(glob.glob(os.path.join(where, "tensorrt_stubs-*.whl")))
+    if not wheels or not os.path.isfile(wheels[-1]):
+        pytest.skip(f"no tensorrt-stubs wheel in {where} (pip download --no-deps -d .stubs tensorrt-stubs==10.13.0.35.1)")
+    out = tmp_path_factory.mktemp("trt_stubs")
+    with zipfile.ZipFile(wheels[-1]) as z:
+        z.extractall(out, [n for n in z.namelist() if n.endswith(".pyi")])
+    return str(out)
+
+
+def _stub_path(root: str) -> str:
+    p = os.path.join(root, "tensorrt_bindings", "tensorrt.pyi")
+    assert os.path.isfile(p), f"{p} missing from the tensorrt-stubs wheel"
+    return p
 
 
 @pytest.fixture(scope="module")
@@ -441,8 +460,8 @@ def lean_api():
 
 
 @pytest.fixture(scope="module")
-def stub_api():
-    return api_from_stub(_stub_path(), "10.13 (tensorrt-stubs)")
+def stub_api(stub_root):
+    return api_from_stub(_stub_path(stub_root), "10.13 (tensorrt-stubs)")
 
 
 # --- TensorRT ----------------------------------------------------------------------------------------------
@@ -508,19 +527,16 @@ def test_pybind_signatures_read_overloads_and_defaults():
 
 
 @pytest.mark.slow
-def test_the_builder_type_checks_against_tensorrt_stubs(tmp_path):
+def test_the_builder_type_checks_against_tensorrt_stubs(tmp_path, stub_root):
     """mypy over compile/trt_builder.py with the 10.13 stubs: its TensorRT objects are typed (TYPE_CHECKING
     imports), so a wrong method, keyword or argument type is a mypy error."""
     if not available("mypy"):
         pytest.skip("mypy is not installed (pip install -e '.[dev]')")
-    stub = _stub_path()
+    stub = _stub_path(stub_root)
     stubs = tmp_path / "stubs"
-    # the stubs ship as bare .pyi folders without py.typed: give mypy a stub path of their own
-    shutil.copytree(os.path.dirname(stub), stubs / "tensorrt_bindings")
+    # the stubs ship as bare .pyi folders without py.typed: give mypy a stub path of their own, parseable
+    shutil.copytree(stub_root, stubs)
     (stubs / "tensorrt_bindings" / "tensorrt.pyi").write_text(stub_source(stub))
-    (stubs / "tensorrt").mkdir()
-    shutil.copyfile(os.path.join(os.path.dirname(os.path.dirname(stub)), "tensorrt", "__init__.pyi"),
-                    stubs / "tensorrt" / "__init__.pyi")
     env = dict(os.environ, MYPYPATH=str(stubs))
     # and, in the same run, a copy with a misspelt method and a misspelt keyword: mypy must flag both
     with open(os.path.join(ROOT, "compile", "trt_builder.py")) as f:
