@@ -51,6 +51,22 @@ def test_find_engines_refuses_other_devices_and_names_the_fix(toy_bundle, tmp_pa
         find_engines(path, "10.5.0-nvidia_h200-sm90-fp32")
 
 
+def test_engine_files_carry_the_io_map_of_torch_tensorrt_engines(toy_bundle, tmp_path):
+    """torch-tensorrt releases without output_binding_names name outputs output0..; the frontend writes the map
+    to the stage contract into engines.json, and the backend reads it with each engine file."""
+    src = toy_bundle(num_stages=2, seed=21)
+    path = str(tmp_path / "b")
+    shutil.copytree(src.path, path)
+    d = os.path.join(path, "engines", "k")
+    os.makedirs(d)
+    io_map = {"output0": "features", "output1": "logits", "output2": "confidence", "output3": "prediction"}
+    meta = {"engines": [{"stage": 0, "file": "stage_0.engine", "io_map": io_map}, {"stage": 1, "file": "stage_1.engine"}]}
+    for k in range(2):
+        open(os.path.join(d, f"stage_{k}.engine"), "wb").close()
+    files = TrtBackend(path)._engine_files(d, meta)
+    assert [f[2] for f in files] == [io_map, {}]
+
+
 @pytest.mark.skipif(available("tensorrt"), reason="TensorRT is installed here")
 def test_without_tensorrt_auto_is_ort_and_trt_names_the_extra(toy_bundle):
     tb = toy_bundle(num_stages=2, seed=21)

@@ -139,7 +139,6 @@ class _Stage:
         self.engine_names = {}  # contract name -> engine tensor name (they differ only where io_map says so)
         self.scratch = None  # device memory shared by the graph slots' contexts (USER_MANAGED)
 
-
     def tensor_name(self, name: str) -> str:
         return self.engine_names.get(name, name)
 
