@@ -25,11 +25,13 @@ COMMANDS = {
     "run": "classify frames from a folder, video, camera or GStreamer pipeline with early exits",
     "bench": "trtexec-style latency benchmark of the early-exit pipeline against the static model",
     "demo": "the whole job on digits: tune, compile --int8, calibrate, run, bench, summary",
+    "serve": "serve a bundle over HTTP and gRPC with Triton Inference Server (PyTriton; the 'serve' extra)",
+    "export-triton": "write a Triton model repository (Python backend, dynamic batching) for a bundle",
 }
 
 
 def _module_name(cmd: str) -> str:
-    return "dmpo_edge.commands." + ("eval_" if cmd == "eval" else cmd)
+    return "dmpo_edge.commands." + ("eval_" if cmd == "eval" else cmd.replace("-", "_"))
 
 
 def build_parser(with_commands: str | None = None) -> argparse.ArgumentParser:
