@@ -19,7 +19,7 @@ import time
 from ...errors import DmpoEdgeError
 from .env import library_path, stub_path, tritonserver_binary, wheel_dir, wheel_libs
 
-__all__ = ["TritonServerProcess", "backend_directory", "server_env"]
+__all__ = ["TritonServerProcess", "backend_directory", "server_env", "main"]
 
 
 def backend_directory(workdir: str) -> str:
@@ -120,3 +120,26 @@ class TritonServerProcess:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def main(argv=None) -> int:
+    """``python -m dmpo_edge.runtime.serve.launch REPO WORKDIR [tritonserver options]``: become tritonserver.
+
+    The process is replaced (exec), so whoever started this command holds tritonserver's own pid: a SIGTERM to
+    it drains and stops the server, and nothing else is left behind.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) < 2:
+        print("usage: python -m dmpo_edge.runtime.serve.launch REPO WORKDIR [--http-port=N ...]", file=sys.stderr)
+        return 2
+    repo, workdir, extra = argv[0], argv[1], argv[2:]
+    os.makedirs(workdir, exist_ok=True)
+    cmd = [tritonserver_binary(), f"--model-repository={os.path.abspath(repo)}",
+           f"--backend-directory={backend_directory(os.path.abspath(workdir))}", "--allow-gpu-metrics=false", *extra]
+    sys.stdout.flush()
+    os.execve(cmd[0], cmd, server_env())
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -40,6 +40,20 @@ __all__ = ["serve"]
 _GUARDED_ENDPOINTS = ["model-repository", "shared-memory", "trace", "logging"]
 
 
+class _RequestError(DmpoEdgeError):
+    """What a client sees of a bad request: PyTriton sends ``traceback.format_exception(e, e.__traceback__)``
+    as the error message, so this error reports no traceback and the client reads the one line that says
+    what was wrong with its request."""
+
+    __traceback__ = property(lambda self: None, lambda self, value: None)
+
+    @classmethod
+    def of(cls, errors: list) -> "_RequestError":
+        if len(errors) == 1:
+            return cls(errors[0].where, errors[0].message)
+        return cls("request", "; ".join(dict.fromkeys(str(e) for e in errors)))
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -53,8 +67,7 @@ def _bind_models(triton, handler: ServeHandler, model_name: str, max_batch: int,
         errors = [r for r in results if isinstance(r, Exception)]
         if len(errors) == len(results):
             # PyTriton answers a failed execution with one error for all its requests; here they all failed
-            raise errors[0] if len(errors) == 1 else DmpoEdgeError(
-                "request", "; ".join(dict.fromkeys(str(e) for e in errors)))
+            raise _RequestError.of(errors)
         # A bad request batched with good ones: PyTriton cannot fail one request of a batch, so it gets
         # prediction -1 and exit_stage -1 with the reason in class_name; the good ones get their results.
         return [r if not isinstance(r, Exception) else {

@@ -109,11 +109,17 @@ class TritonPythonModel:
         responses = []
         for res in self.handler.infer(inputs):
             if isinstance(res, Exception):
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(res))))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=self._error(str(res))))
             else:
                 responses.append(pb_utils.InferenceResponse(
                     output_tensors=[pb_utils.Tensor(name, value) for name, value in res.items()]))
         return responses
+
+    def _error(self, message: str):
+        """A bad request is the client's to fix: INVALID_ARG (HTTP 400) where the Python backend knows codes."""
+        err = self.pb_utils.TritonError
+        code = getattr(err, "INVALID_ARG", None)
+        return err(message) if code is None else err(message, code)
 
     def finalize(self):
         self.handler.close()

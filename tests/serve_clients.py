@@ -1,0 +1,89 @@
+"""Client side of the serving tests; runs in the ``serve`` environment (tritonclient's gRPC needs protobuf < 7).
+
+``python serve_clients.py CASE.json OUT.json``: CASE names the endpoints, an .npy of preprocessed images and
+a list of encoded image files. Concurrent HTTP and gRPC clients send the images one per request, then each
+encoded file; then malformed requests (each followed by a good one, which must still be answered); then
+Triton's batch statistics. Everything is written to OUT for the test to compare with Pipeline.predict.
+"""
+
+import json
+import sys
+import threading
+import time
+
+import numpy as np
+
+from dmpo_edge.runtime.serve.client import Client
+
+
+def _as_lists(d):
+    return {k: (v.astype(str).tolist() if v.dtype == object else v.tolist()) for k, v in d.items()}
+
+
+def main(case_path, out_path):
+    with open(case_path) as f:
+        case = json.load(f)
+    x = np.load(case["inputs"])
+    model = case.get("model", "dmpo")
+    out = {"rows": [None] * x.shape[0], "errors": {}, "after_error": {}}
+    lock = threading.Lock()
+    next_row = [0]
+
+    def worker(protocol):
+        c = Client(protocol, case[protocol], model)
+        deadline = time.monotonic() + 120  # bounded: every row once, or give up
+        while time.monotonic() < deadline:
+            with lock:
+                i = next_row[0]
+                next_row[0] += 1
+            if i >= x.shape[0]:
+                break
+            r = c.infer(x[i:i + 1])
+            out["rows"][i] = {"protocol": protocol, **_as_lists(r)}
+        c.close()
+
+    threads = [threading.Thread(target=worker, args=("http" if t % 2 == 0 else "grpc",)) for t in range(case.get("threads", 8))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+
+    http = Client("http", case["http"], model)
+    out["images"] = [_as_lists(http.infer_images([open(p, "rb").read()])) for p in case.get("images", [])]
+    if case.get("images"):
+        blobs = [open(p, "rb").read() for p in case["images"][:3]]
+        out["images_batch"] = _as_lists(http.infer_images(blobs))
+
+    shape = list(x.shape[1:])
+    bad = {
+        "wrong_shape": lambda c: c.infer_raw("input", np.zeros([1, shape[0], shape[1], shape[2] + 1], np.float32), "FP32"),
+        "wrong_dtype": lambda c: c.infer_raw("input", np.zeros([1] + shape, np.float64), "FP64"),
+        "empty_batch": lambda c: c.infer_raw("input", np.zeros([0] + shape, np.float32), "FP32"),
+        "undecodable": lambda c: c.infer_images([b"this is not a PNG"]),
+        "nan": lambda c: c.infer(np.full([1] + shape, np.nan, np.float32)),
+    }
+    for protocol in ("http", "grpc"):
+        c = Client(protocol, case[protocol], model)
+        for name, send in bad.items():
+            try:
+                send(c)
+                out["errors"][f"{protocol}:{name}"] = None
+            except Exception as exc:  # tritonclient raises InferenceServerException (or a client-side error)
+                out["errors"][f"{protocol}:{name}"] = f"{type(exc).__name__}: {exc}"
+            out["after_error"][f"{protocol}:{name}"] = _as_lists(c.infer(x[:1]))
+        c.close()
+    out["batch_sizes"] = {str(k): v for k, v in http.batch_sizes().items()}
+    if case.get("thresholds_model"):
+        before = http.thresholds()
+        never = http.thresholds([float("inf")] * len(before))
+        out["thresholds"] = {"before": before, "set": never, "rows_never": _as_lists(http.infer(x[:4]))}
+        http.thresholds(before)
+        out["thresholds"]["restored"] = http.thresholds()
+    http.close()
+    with open(out_path, "w") as f:
+        json.dump(out, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))
