@@ -379,6 +379,7 @@ def test_exported_repository_serves_under_raw_tritonserver(served_bundle, tmp_pa
     images = _digits_png(tmp_path)
     # launch execs tritonserver: proc.pid is the server's own pid
     proc = subprocess.Popen([SERVE_PYTHON, "-m", "dmpo_edge.runtime.serve.launch", str(repo), str(tmp_path / "work"),
+                             "--model-control-mode=poll", "--repository-poll-secs=1",
                              "--http-address=127.0.0.1", f"--http-port={http}", "--grpc-address=127.0.0.1",
                              f"--grpc-port={grpc}", "--metrics-address=127.0.0.1", f"--metrics-port={metrics}"],
                             stdout=open(tmp_path / "triton.log", "w"), stderr=subprocess.STDOUT)
@@ -395,7 +396,22 @@ def test_exported_repository_serves_under_raw_tritonserver(served_bundle, tmp_pa
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5).read().decode()
         exits = [line for line in text.splitlines() if line.startswith("dmpo_exit_total")]
         assert exits and sum(float(line.rsplit(" ", 1)[1]) for line in exits) >= x.shape[0] + len(images)
+        # thresholds change without a restart: edit config.pbtxt, Triton (poll mode) reloads the model
+        cfg = repo / "dmpo" / "config.pbtxt"
+        cfg.write_text(cfg.read_text().replace('key: "thresholds" value: { string_value: "" }',
+                                               'key: "thresholds" value: { string_value: "inf,inf" }'))
+        code = ("import sys, time, numpy as np\nfrom dmpo_edge.runtime.serve.client import Client\n"
+                "c = Client('http', sys.argv[1]); x = np.load(sys.argv[2])[:8]\n"
+                "for _ in range(120):\n"
+                "    if (c.infer(x)['exit_stage'] == 2).all(): sys.exit(0)\n"
+                "    time.sleep(0.5)\n"
+                "sys.exit(1)\n")
+        r = subprocess.run([SERVE_PYTHON, "-c", code, f"127.0.0.1:{http}", str(tmp_path / "x.npy")],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert proc.poll() is None
     finally:
+        stubs = locals().get("stubs", []) + list(_children(proc.pid))  # the reload started new stubs
         rc = _stop(proc)
     assert rc == 0, (tmp_path / "triton.log").read_text()[-3000:]
     assert not [p for p in stubs if _alive(p)], "Python-backend stubs still running after SIGTERM"
