@@ -38,6 +38,7 @@ __all__ = ["serve"]
 # PyTriton guards these Triton endpoints with a random token by default. Model loading, shared memory, tracing
 # and log settings stay guarded; statistics are read-only and what a load test or dashboard reads.
 _GUARDED_ENDPOINTS = ["model-repository", "shared-memory", "trace", "logging"]
+_START_ATTEMPTS = 3
 
 
 class _RequestError(DmpoEdgeError):
@@ -183,14 +184,27 @@ def serve(bundle_path, *, host: str = "127.0.0.1", http_port: int = 8000, grpc_p
         config = TritonConfig(http_address=host, http_port=int(http_port), grpc_address=host, grpc_port=int(grpc_port),
                               metrics_address=host, metrics_port=int(metrics_port), allow_gpu_metrics=False,
                               exit_timeout_secs=int(drain_s), log_verbose=1 if verbose else 0)
-        triton = Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=list(_GUARDED_ENDPOINTS)))
-        try:
-            triton.run()
-        except Exception as exc:
-            raise DmpoEdgeError("serve", f"tritonserver did not start ({type(exc).__name__}: {exc}). "
-                                "Run with --verbose for its log") from None
-        _bind_models(triton, handler, model_name, max_batch, max_queue_delay_us, instances)
-        wait_ready(host, http_port, [model_name, f"{model_name}_thresholds"], alive=triton.is_alive)
+        security = TritonSecurityConfig(restricted_endpoints=list(_GUARDED_ENDPOINTS))
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            triton = Triton(config=config, security_config=security)
+            try:
+                triton.run()
+                _bind_models(triton, handler, model_name, max_batch, max_queue_delay_us, instances)
+                wait_ready(host, http_port, [model_name, f"{model_name}_thresholds"], alive=triton.is_alive)
+                break
+            except (KeyboardInterrupt, DmpoEdgeError):
+                raise
+            except Exception as exc:
+                # PyTriton gives each extra model instance 1 s to fetch its configuration from the first one;
+                # on an overloaded host that handshake can time out and the model fails to load. A fresh start
+                # is the only public way to retry it.
+                triton.stop()
+                triton = None
+                last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+                if attempt == _START_ATTEMPTS:
+                    raise DmpoEdgeError("serve", f"Triton did not load the models after {attempt} attempts ({last}). "
+                                        "Run with --verbose for Triton's log; on an overloaded host try --instances 1") from None
+                log(f"Triton did not load the models ({last}); starting again ({attempt + 1}/{_START_ATTEMPTS})")
         info = {"model": model_name, "http": f"{host}:{http_port}", "grpc": f"{host}:{grpc_port}",
                 "metrics": f"http://{host}:{metrics_port}/metrics",
                 "exit_metrics": f"http://{host}:{metrics_server.port}/metrics",
