@@ -7,7 +7,6 @@ interpreter as ``DMPO_EDGE_SERVE_PYTHON``; without it the server tests skip with
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal

@@ -11,7 +11,9 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p) -> None:
-    p.add_argument("bundle", metavar="BUNDLE", help="bundle folder written by 'dmpo-edge compile'")
+    from .options import add_backend, add_bundle, add_thresholds
+
+    add_bundle(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--http-port", type=int, default=8000, help="Triton HTTP/REST port (default 8000)")
     p.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port (default 8001)")
@@ -24,8 +26,8 @@ def add_arguments(p) -> None:
                    help="how long a request may wait for others to join its batch, microseconds (default 2000)")
     p.add_argument("--instances", type=int, default=2,
                    help="Triton model instances; their batches are in the pipeline at the same time (default 2)")
-    p.add_argument("--backend", default="auto", choices=["auto", "ort", "trt"],
-                   help="auto: TensorRT when engines for this GPU exist, else ONNX Runtime")
+    add_backend(p)
+    add_thresholds(p)
     p.add_argument("--model-name", default="dmpo", help="Triton model name (default dmpo)")
     p.add_argument("--drain-s", type=int, default=30,
                    help="on SIGTERM, how long in-flight requests may take to finish (default 30)")
@@ -34,9 +36,20 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..runtime.serve.pytriton_server import serve
+    from .options import checked_backend
 
+    backend = checked_backend(args.backend, where="serve --backend")
+    thresholds = None
+    if args.thresholds is not None:
+        from ..errors import DmpoEdgeError
+        from ..runtime.serve.triton_model import parse_thresholds
+
+        try:
+            thresholds = parse_thresholds(args.thresholds)
+        except ValueError:
+            raise DmpoEdgeError("serve --thresholds", f"{args.thresholds!r} is not a comma-separated list of numbers") from None
     return serve(args.bundle, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                  metrics_port=args.metrics_port, exit_metrics_port=args.exit_metrics_port, max_batch=args.max_batch,
-                 max_queue_delay_us=args.max_queue_delay_us, instances=args.instances, backend=args.backend,
+                 max_queue_delay_us=args.max_queue_delay_us, instances=args.instances, backend=backend, thresholds=thresholds,
                  model_name=args.model_name, drain_s=args.drain_s, verbose=args.verbose,
                  log=lambda s: print(s, flush=True))

@@ -141,7 +141,7 @@ def _rows(request) -> int:
 
 def serve(bundle_path, *, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
           metrics_port: int = 8002, exit_metrics_port: int = 8003, max_batch: int | None = None,
-          max_queue_delay_us: int = 2000, instances: int = 2, backend: str = "auto", model_name: str = MODEL_NAME,
+          max_queue_delay_us: int = 2000, instances: int = 2, backend: str = "auto", thresholds=None, model_name: str = MODEL_NAME,
           drain_s: int = 30, verbose: bool = False, log=print, ready=None) -> int:
     """Serve ``bundle_path`` until SIGTERM / SIGINT. ``ready(info)`` is called once the models answer."""
     check_serve_env("serve")
@@ -171,7 +171,7 @@ def serve(bundle_path, *, host: str = "127.0.0.1", http_port: int = 8000, grpc_p
 
     pipeline = handler = metrics_server = triton = None
     try:
-        pipeline = Pipeline.from_bundle(bundle, backend=backend, max_in_flight=max(2, int(instances)))
+        pipeline = Pipeline.from_bundle(bundle, backend=backend, thresholds=thresholds, max_in_flight=max(2, int(instances)))
         max_batch = min(max_batch, pipeline.max_batch)
         metrics = ExitMetrics(model_name, bundle.num_stages, lambda: pipeline.thresholds)
         handler = ServeHandler(pipeline, metrics)
