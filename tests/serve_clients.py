@@ -85,5 +85,50 @@ def main(case_path, out_path):
     return 0
 
 
+def drain(case_path, out_path):
+    """Requests in Triton's queue when the server gets SIGTERM must still be answered."""
+    import os
+    import signal
+
+    with open(case_path) as f:
+        case = json.load(f)
+    x = np.load(case["inputs"])
+    done = {}
+
+    def one(i):
+        c = Client("grpc", case["grpc"], case.get("model", "dmpo"))
+        try:
+            r = c.infer(x[i % x.shape[0]][None])
+            done[i] = {"ok": True, "t": time.monotonic(), "prediction": int(r["prediction"][0])}
+        except Exception as exc:
+            done[i] = {"ok": False, "t": time.monotonic(), "error": str(exc)[:300]}
+        c.close()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(case["requests"])]
+    for t in threads:
+        t.start()
+    # SIGTERM once Triton holds requests in its queue (the ones beyond the first full batch wait there for the
+    # queue delay): Triton's pending-request gauge says when
+    import urllib.request
+
+    deadline = time.monotonic() + 60
+    pending = 0
+    while time.monotonic() < deadline and pending < case["min_pending"]:
+        text = urllib.request.urlopen(f"http://{case['metrics']}/metrics", timeout=5).read().decode()
+        pending = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                      if line.startswith("nv_inference_pending_request_count") and 'model="dmpo"' in line)
+        time.sleep(0.01)
+    t_kill = time.monotonic()
+    os.kill(case["pid"], signal.SIGTERM)
+    for t in threads:
+        t.join(timeout=120)
+    with open(out_path, "w") as f:
+        json.dump({"results": [done.get(i) for i in range(case["requests"])], "pending_at_sigterm": pending,
+                   "answered_after_sigterm": sum(1 for d in done.values() if d["ok"] and d["t"] > t_kill)}, f)
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "drain":
+        sys.exit(drain(sys.argv[2], sys.argv[3]))
     sys.exit(main(sys.argv[1], sys.argv[2]))

@@ -325,7 +325,7 @@ def test_serve_answers_http_and_grpc_with_the_pipeline_results(served_bundle, tm
     images = _digits_png(tmp_path)
     proc = subprocess.Popen([SERVE_PYTHON, "-m", "dmpo_edge", "serve", tb.path, "--http-port", str(http),
                              "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--exit-metrics-port",
-                             str(exit_metrics), "--max-queue-delay-us", "20000", "--max-batch", "8"],
+                             str(exit_metrics), "--max-queue-delay-us", "300000", "--max-batch", "8"],
                             stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT)
     tritons = stubs = {}
     try:
@@ -344,6 +344,18 @@ def test_serve_answers_http_and_grpc_with_the_pipeline_results(served_bundle, tm
         total = sum(int(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("dmpo_exit_total"))
         assert total >= x.shape[0] + len(images)
         assert "nv_inference_count" in urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5).read().decode()
+        # SIGTERM with requests waiting in Triton's batcher (12 single-image requests, batches of 8, 300 ms queue
+        # delay; the signal goes once Triton reports requests pending): every request is answered, then all stops
+        case = {"grpc": f"127.0.0.1:{grpc}", "metrics": f"127.0.0.1:{metrics}", "inputs": str(tmp_path / "x.npy"),
+                "requests": 12, "min_pending": 1, "pid": proc.pid}
+        (tmp_path / "drain.json").write_text(json.dumps(case))
+        r = subprocess.run([SERVE_PYTHON, os.path.join(HERE, "serve_clients.py"), "drain", str(tmp_path / "drain.json"),
+                            str(tmp_path / "drained.json")], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        drained = json.loads((tmp_path / "drained.json").read_text())
+        assert all(d and d["ok"] for d in drained["results"]), drained
+        assert drained["pending_at_sigterm"] >= 1 and drained["answered_after_sigterm"] >= 1, drained
+        proc.wait(timeout=90)
     finally:
         rc = _stop(proc)
     log = (tmp_path / "serve.log").read_text()

@@ -23,6 +23,9 @@ def check_ports_free(host: str, ports: dict, where: str = "serve") -> None:
         seen[port] = role
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as s:
+            # as the servers bind: connections of a just-stopped server in TIME_WAIT must not block a restart,
+            # while a socket listening on the port still does (Linux refuses the bind then)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, port))
             except OSError as exc:
