@@ -48,6 +48,25 @@ def main(case_path, out_path):
     for t in threads:
         t.join(timeout=180)
 
+    # a bad request batched with good ones (300 ms queue delay in the test: they arrive together)
+    mixed = {}
+
+    def send(i):
+        c = Client("grpc", case["grpc"], model)
+        try:
+            arr = x[i:i + 1] if i else np.full((1,) + x.shape[1:], np.nan, np.float32)
+            mixed[i] = _as_lists(c.infer(arr))
+        except Exception as exc:
+            mixed[i] = {"error": str(exc)[:300]}
+        c.close()
+
+    ts = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=120)
+    out["mixed"] = [mixed.get(i) for i in range(4)]
+
     http = Client("http", case["http"], model)
     out["images"] = [_as_lists(http.infer_images([open(p, "rb").read()])) for p in case.get("images", [])]
     if case.get("images"):

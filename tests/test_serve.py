@@ -311,6 +311,14 @@ def _check_answers(out, tb, x, images, server_kind):
     for proto in ("http", "grpc"):
         assert "cannot decode" in out["errors"][f"{proto}:undecodable"]
         assert "NaN" in out["errors"][f"{proto}:nan"]
+    # a NaN request sent together with good ones: the good ones get their results; the bad one an error response
+    # (export-triton, or serve when it was alone in its batch) or, batched by PyTriton, prediction -1 and the reason
+    for i, r in enumerate(out["mixed"][1:], start=1):
+        assert r.get("prediction") == [int(want.prediction[i])], out["mixed"]
+    bad = out["mixed"][0]
+    assert "NaN" in bad.get("error", "") or (bad["prediction"] == [-1] and "NaN" in bad["class_name"][0]), bad
+    if server_kind == "export-triton":
+        assert "NaN" in bad.get("error", ""), bad
     if server_kind == "export-triton":  # the Python backend answers a client's mistake as one: 400 / INVALID_ARGUMENT
         assert "[400] request image 0 | cannot decode" in out["errors"]["http:undecodable"]
         assert "INVALID_ARGUMENT" in out["errors"]["grpc:nan"]
@@ -384,7 +392,7 @@ def test_serve_bad_input_is_one_line_and_starts_nothing(served_bundle, tmp_path)
 def test_exported_repository_serves_under_raw_tritonserver(served_bundle, tmp_path):
     tb = served_bundle
     repo = tmp_path / "repo"
-    assert _cli("export-triton", tb.path, str(repo), "--max-queue-delay-us", "20000", "--max-batch", "8").returncode == 0
+    assert _cli("export-triton", tb.path, str(repo), "--max-queue-delay-us", "300000", "--max-batch", "8").returncode == 0
     http, grpc, metrics = _free_ports(3)
     x = tb.inputs(48, seed=6)
     images = _digits_png(tmp_path)
