@@ -96,7 +96,10 @@ def _bind_models(triton, handler: ServeHandler, model_name: str, max_batch: int,
         for r in requests:
             values = r.data.get("thresholds")
             if values is not None and np.asarray(values).size:
-                handler.set_thresholds(values)
+                try:
+                    handler.set_thresholds(values)
+                except DmpoEdgeError as exc:
+                    raise _RequestError.of([exc]) from None
             out.append({"thresholds": np.asarray(handler.thresholds, np.float32)})
         return out
 
