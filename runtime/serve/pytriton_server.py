@@ -178,7 +178,11 @@ def serve(bundle_path, *, host: str = "127.0.0.1", http_port: int = 8000, grpc_p
         max_batch = min(max_batch, pipeline.max_batch)
         metrics = ExitMetrics(model_name, bundle.num_stages, lambda: pipeline.thresholds)
         handler = ServeHandler(pipeline, metrics)
-        metrics_server = MetricsServer(metrics, host, exit_metrics_port)
+        try:
+            metrics_server = MetricsServer(metrics, host, exit_metrics_port)
+        except OSError as exc:  # taken since check_ports_free looked
+            raise DmpoEdgeError("serve", f"exit-metrics port {host}:{exit_metrics_port} is not available "
+                                f"({exc.strerror or exc}). Pass another --exit-metrics-port") from None
 
         if not verbose:
             logging.getLogger("pytriton").setLevel(logging.WARNING)
