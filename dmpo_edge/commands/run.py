@@ -17,7 +17,7 @@ from ..errors import DmpoEdgeError
 
 
 def add_arguments(p) -> None:
-    from .options import add_backend, add_bundle, add_json_lines, add_quiet, add_thresholds
+    from .options import add_backend, add_bundle, add_in_flight, add_json_lines, add_quiet, add_thresholds
 
     add_bundle(p)
     p.add_argument("--source", required=True,
@@ -32,7 +32,7 @@ def add_arguments(p) -> None:
                       help="classify every frame (default for folders and files)")
     p.add_argument("--limit", type=int, default=None, help="stop after N frames")
     add_thresholds(p)
-    p.add_argument("--in-flight", type=int, default=2, help="micro-batches in flight (default: 2)")
+    add_in_flight(p, what="micro-batches")
     p.add_argument("--width", type=int, default=None, help="camera / GStreamer frame width")
     p.add_argument("--height", type=int, default=None, help="camera / GStreamer frame height")
     p.add_argument("--skip-bad", action="store_true", help="skip images that cannot be decoded instead of stopping")
@@ -73,7 +73,7 @@ def run(args) -> int:
     backend = checked_backend(args.backend, where="run", allow_null=True)
     st = stream(args.bundle, args.source, batch=args.batch, max_wait_ms=args.max_wait_ms, realtime=args.realtime,
                 limit=args.limit, backend=backend, thresholds=_thresholds(args.thresholds),
-                max_in_flight=args.in_flight, width=args.width, height=args.height, skip_bad=args.skip_bad)
+                max_in_flight=args.max_in_flight, width=args.width, height=args.height, skip_bad=args.skip_bad)
     err = None
     n = 0
     try:
