@@ -8,6 +8,9 @@ latency p50 / p95 / p99 / max (client side, request sent -> answer parsed), Trit
 and the exit histogram. The static model is the same server with every threshold set to +inf through the
 ``dmpo_thresholds`` model (every image runs every stage: the full network), so both sides share the process,
 the sessions, Triton's batcher and the transport; configurations alternate ``--rounds`` times.
+``--server repository`` measures the ``dmpo-edge export-triton`` repository under the wheel's raw ``tritonserver``
+instead (one Python-backend process per instance); there the thresholds change by rewriting ``config.pbtxt``, which
+Triton reloads in poll mode, and the run waits until the server answers with the new thresholds.
 
     .venv-serve/bin/python benchmarks/serve_load.py BUNDLE --inputs x.npy --clients 8 --duration 10 --json out.json
 """
@@ -112,6 +115,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch", type=int, default=None)
     ap.add_argument("--max-queue-delay-us", type=int, default=2000)
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--server", choices=["serve", "repository"], default="serve",
+                    help="serve: dmpo-edge serve (PyTriton); repository: dmpo-edge export-triton under raw tritonserver")
     ap.add_argument("--json", help="write the report here")
     args = ap.parse_args(argv)
 
@@ -128,11 +133,48 @@ def main(argv=None) -> int:
 
         blobs = [open(p, "rb").read() for p in list_images(args.encoded)]
     http, grpc, metrics, exit_metrics = _free_ports(4)
-    cmd = [sys.executable, "-m", "dmpo_edge", "serve", args.bundle, "--http-port", str(http), "--grpc-port", str(grpc),
-           "--metrics-port", str(metrics), "--exit-metrics-port", str(exit_metrics), "--instances", str(args.instances),
-           "--max-queue-delay-us", str(args.max_queue_delay_us), "--backend", args.backend]
-    if args.max_batch:
-        cmd += ["--max-batch", str(args.max_batch)]
+    common = ["--instances", str(args.instances), "--max-queue-delay-us", str(args.max_queue_delay_us),
+              "--backend", args.backend] + (["--max-batch", str(args.max_batch)] if args.max_batch else [])
+    workdir = tempfile.mkdtemp(prefix="serve_load-")
+    repo = os.path.join(workdir, "repo")
+    if args.server == "serve":
+        cmd = [sys.executable, "-m", "dmpo_edge", "serve", args.bundle, "--http-port", str(http), "--grpc-port",
+               str(grpc), "--metrics-port", str(metrics), "--exit-metrics-port", str(exit_metrics), *common]
+        models = ["dmpo", "dmpo_thresholds"]
+    else:  # the export-triton repository under the wheel's raw tritonserver; thresholds reload in poll mode
+        # the calibrated thresholds written explicitly: switching back to them is then the same config text
+        thr_text = ",".join(repr(float(v)) for v in bundle.thresholds)
+        subprocess.run([sys.executable, "-m", "dmpo_edge", "export-triton", args.bundle, repo, *common,
+                        "--thresholds", thr_text], check=True, stdout=subprocess.DEVNULL)
+        cmd = [sys.executable, "-m", "dmpo_edge.runtime.serve.launch", repo, os.path.join(workdir, "work"),
+               "--model-control-mode=poll", "--repository-poll-secs=1", "--http-address=127.0.0.1",
+               f"--http-port={http}", "--grpc-address=127.0.0.1", f"--grpc-port={grpc}",
+               "--metrics-address=127.0.0.1", f"--metrics-port={metrics}"]
+        models = ["dmpo"]
+    probe = x[: min(x.shape[0], 32, args.max_batch or bundle.max_batch)]
+
+    def set_thresholds(ctl, values):
+        if args.server == "serve":
+            return ctl.thresholds(values)
+        import re
+
+        cfg = os.path.join(repo, "dmpo", "config.pbtxt")
+        with open(cfg) as f:
+            text = f.read()
+        static = all(v == float("inf") for v in values)
+        new = re.sub(r'key: "thresholds" value: \{ string_value: "[^"]*" \}',
+                     f'key: "thresholds" value: {{ string_value: "{",".join(repr(float(v)) for v in values)}" }}', text)
+        if new == text:
+            return values
+        with open(cfg, "w") as f:
+            f.write(new)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:  # Triton reloads the model in the background; wait until it answers so
+            stages = ctl.infer(probe)["exit_stage"]
+            if (stages == bundle.num_stages - 1).all() == static:
+                return values
+            time.sleep(0.5)
+        raise SystemExit("the repository's thresholds were not reloaded within 180 s")
     log = tempfile.NamedTemporaryFile("w+", prefix="serve_load-", suffix=".log", delete=False)
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     report = {"bundle": os.path.abspath(args.bundle), "settings": vars(args), "load_average_start": os.getloadavg(),
@@ -143,7 +185,7 @@ def main(argv=None) -> int:
         while ctl is None:
             try:
                 c = Client("http", f"127.0.0.1:{http}")
-                if c.client.is_model_ready("dmpo") and c.client.is_model_ready("dmpo_thresholds"):
+                if all(c.client.is_model_ready(m) for m in models):
                     ctl = c
             except Exception:
                 pass
@@ -151,11 +193,11 @@ def main(argv=None) -> int:
                 log.seek(0)
                 raise SystemExit(f"server did not start:\n{log.read()[-3000:]}\n(full log: {log.name})")
             time.sleep(0.3)
-        calibrated = ctl.thresholds()
+        calibrated = ctl.thresholds() if args.server == "serve" else list(bundle.thresholds)
         url = f"127.0.0.1:{grpc if args.protocol == 'grpc' else http}"
         for r in range(args.rounds):
             for name, thr in (("early_exit", calibrated), ("static", [float("inf")] * len(calibrated))):
-                ctl.thresholds(thr)
+                set_thresholds(ctl, thr)
                 before = ctl.batch_sizes()
                 res = _load(args.clients, args.protocol, url, x, blobs, args.images, args.warmup, args.duration)
                 res.update(config=name, round=r, thresholds=thr, triton_batches=_diff(ctl.batch_sizes(), before),
@@ -165,7 +207,8 @@ def main(argv=None) -> int:
                       f"p50 {res['p50_ms']:6.2f}  p95 {res['p95_ms']:6.2f}  p99 {res['p99_ms']:6.2f} ms  "
                       f"exits {res['exit_histogram']}  batches {res['triton_batches']}  errors {res['errors']}  "
                       f"load {res['load_average'][0]:.2f}", flush=True)
-        ctl.thresholds(calibrated)
+        if args.server == "serve":
+            ctl.thresholds(calibrated)
         ctl.close()
     finally:
         if server.poll() is None:
@@ -178,6 +221,9 @@ def main(argv=None) -> int:
         log.close()
         if server.returncode == 0:
             os.unlink(log.name)
+            import shutil
+
+            shutil.rmtree(workdir, ignore_errors=True)
     summary = {}
     for name in ("early_exit", "static"):
         runs = [r for r in report["runs"] if r["config"] == name]
