@@ -43,8 +43,8 @@ def _digits_png(tmp_path, n=6):
     imgs = (load_digits().images[:n] * (255.0 / 16.0)).round().astype(np.uint8)
     paths = []
     for i, im in enumerate(imgs):
-        p = tmp_path / f"digit_{i}.png"
-        Image.fromarray(im, mode="L").save(p)
+        p = tmp_path / (f"digit_{i}.jpg" if i == n - 1 else f"digit_{i}.png")  # PNG and JPEG
+        Image.fromarray(im, mode="L").resize((24, 20)).save(p)  # the server resizes and crops
         paths.append(str(p))
     return paths
 
@@ -76,6 +76,7 @@ def test_handler_answers_each_request_and_isolates_bad_ones(served_bundle, tmp_p
     try:
         x = tb.inputs(7, seed=1)
         paths = _digits_png(tmp_path, 3)
+        assert paths[-1].endswith(".jpg")
         blobs = np.array([[open(p, "rb").read()] for p in paths], dtype=object)
         reqs = [{"input": x[:4]}, {"input": np.full((1, 3, tb.size, tb.size), np.nan, np.float32)},
                 {"image": blobs}, {"image": np.array([[b"garbage"]], dtype=object)}, {"input": x[4:]},
