@@ -94,7 +94,9 @@ def _print_summary(bundle, seconds: float) -> None:
     if cpu and cpu.get("format"):
         t = cpu.get("timings_ms", {})
         isa = (cpu.get("target_isa") or {}).get("isa", "?")
-        weights = {"s8-7bit": "7-bit S8 weights"}.get(cpu.get("weight_scheme"), "S8 weights")
+        ws = cpu.get("weight_scheme")
+        names = {"s8-7bit": "7-bit S8", "u8": "U8", "s8": "S8"}
+        weights = "/".join(names.get(w, str(w)) for w in (ws if isinstance(ws, list) else [ws])) + " weights"
         print(f"cpu variant: {cpu['format']} (U8 activations, {weights}, for {isa}); ONNX Runtime here, all stages, batch "
               f"{cpu['timing_batch']}: {t.get('cpu_variant', 0):.1f} ms vs fp32 {t.get('fp32', 0):.1f} ms "
               f"(TensorRT form in ONNX Runtime {t.get('tensorrt_form', 0):.1f} ms)")
