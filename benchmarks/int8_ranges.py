@@ -43,7 +43,9 @@ def measure(model: str, methods, counts, val_count: int, test_count: int, work: 
     from dmpo_edge.calib.datasets import load_dataset
     from dmpo_edge.compile import compile_bundle
     from dmpo_edge.compile.compiler import _Downstream, _stage_inputs
-    from dmpo_edge.compile.int8 import batched_feeds, quantize_tensorrt_form
+    import shutil
+
+    from dmpo_edge.compile.int8 import _histogram_method, apply_ranges, batched_feeds, quantize_tensorrt_form
     from dmpo_edge.compile.onnxrun import SIMULATED_QDQ_NAME, run_chain
 
     fp32_dir = os.path.join(work, "fp32")
@@ -68,7 +70,18 @@ def measure(model: str, methods, counts, val_count: int, test_count: int, work: 
                 t0 = time.perf_counter()
                 feeds = batched_feeds({n: v[:count] for n, v in _stage_inputs(calib_chain, k, calib_x).items()}, 32)
                 dst = os.path.join(work, f"s{k}.{method}.{count}.onnx")
-                tool = quantize_tensorrt_form(paths[k], dst, feeds, (), method)
+                if _histogram_method(method):
+                    # what quantize_tensorrt_form does, without quantizing the max graph again
+                    base = os.path.join(work, f"s{k}.max.{count}.base.onnx")
+                    if not os.path.isfile(base):
+                        quantize_tensorrt_form(paths[k], base, feeds, (), "max")
+                    shutil.copyfile(base, dst)
+                    apply_ranges(dst, paths[k], feeds, method)
+                    tool = "modelopt max + histogram ranges"
+                else:
+                    tool = quantize_tensorrt_form(paths[k], dst, feeds, (), method)
+                    if method == "max":
+                        shutil.copyfile(dst, os.path.join(work, f"s{k}.max.{count}.base.onnx"))
                 row = {"stage": k, "method": method, "count": count, "tool": tool}
                 for split, score in scorers.items():
                     res = score(k, dst, simulate_qdq=True)

@@ -137,13 +137,13 @@ def compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", cali
                   int8_tool: str = "auto", cpu_format: str = "auto", parity_tol: float = PARITY_TOL, build: str = "auto",
                   name: str | None = None, source: dict | None = None, progress: bool = True, build_options: dict | None = None,
                   holdout_count: int = 1000, log=None, max_exit_drop: float = MAX_EXIT_DROP_POINTS,
-                  accept_drop: bool = False, sensitivity: bool = False) -> Bundle:
+                  accept_drop: bool = False, sensitivity: bool | None = None) -> Bundle:
     """Compile an in-memory :class:`EarlyExitModel` with its checkpoint ``meta`` into a bundle at ``out_dir``.
 
     ``max_exit_drop``: accuracy points an FP16/INT8 form may lose at any exit (held-out data; the TensorRT form
     judged as TensorRT computes it, the CPU form with this host's kernels); a miss raises :class:`DmpoEdgeError`
-    and writes nothing, unless ``accept_drop``. ``sensitivity``: always write the INT8 layer-wise sensitivity report
-    (it is written anyway when an accepted INT8 bundle misses the budget).
+    and writes nothing, unless ``accept_drop``. ``sensitivity``: write the INT8 layer-wise sensitivity report
+    always (True), never (False), or when an accepted INT8 bundle misses the budget (None, the default).
     """
     t_start = time.perf_counter()
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -254,11 +254,12 @@ def compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", cali
                     raise budget_error(prec_report, precision)
                 prec["budget"] = {"max_exit_drop_points": max_exit_drop, "ok": prec_report["ok"],
                                   "accepted_misses": prec_report["misses"]}
-                if precision == "int8" and (sensitivity or prec_report["misses"]):
+                if precision == "int8" and (sensitivity or (sensitivity is None and prec_report["misses"])):
                     bar.set_postfix_str("int8 sensitivity")
                     sens = _sensitivity(fp32_paths, stage_files, cpu_files, prec, prec_report, hold_chain, data, scratch,
                                         max_exit_drop, "asked for (--sensitivity)" if sensitivity else
                                         "the INT8 bundle misses its accuracy budget (accepted with --accept-drop)")
+                    os.makedirs(os.path.join(bundle_dir, "reports"), exist_ok=True)
                     write_json_atomic(os.path.join(bundle_dir, "reports", "sensitivity.json"), sens)
                     reports["sensitivity"] = "reports/sensitivity.json"
                     timings["sensitivity_s"] = time.perf_counter() - t0

@@ -183,7 +183,10 @@ def apply_ranges(qdq_path: str, fp32_path: str, feeds: list, method: str) -> int
         hists = {t: np.zeros(HISTOGRAM_BINS, np.float64) for t in names}
         for f in feeds:
             for t, v in zip(names, sess.run(names, f)):
-                a = np.minimum(np.abs(np.asarray(v, np.float32)).ravel(), amax0[t])
+                a = np.abs(np.asarray(v, np.float32)).ravel()
+                # exact zeros (ReLU) quantize without error at any range: left out, so that a mostly-zero tensor
+                # does not get its percentile range squeezed onto the first bin
+                a = np.minimum(a[a > 0], amax0[t])
                 hists[t] += np.histogram(a, bins=HISTOGRAM_BINS, range=(0.0, amax0[t]))[0]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -295,7 +298,8 @@ def quantize_cpu_form(src: str, dst: str, feeds: list, exclude=(), fmt: str = "Q
 
     ``weights``: ``s8`` (full-range S8, per channel), ``s8-7bit`` (``reduce_range``: no int16 saturation on x86
     without VNNI) or ``u8`` (U8U8: 16-bit products, also saturation-free there); default: this host's preferred
-    scheme (:func:`cpu_weight_schemes`).
+    scheme (:func:`cpu_weight_schemes`). Activation ranges are always MinMax (``method`` is accepted for the
+    call's symmetry): asymmetric U8 spends its 256 levels on the observed range.
     """
     q = require("onnxruntime.quantization", "INT8 CPU form")
     if fmt not in CPU_FORMATS:

@@ -22,8 +22,10 @@ def add_arguments(p) -> None:
     prec.add_argument("--precision", dest="precision", choices=("fp32", "fp16", "int8"), help="default fp32")
     p.add_argument("--calib", metavar="DATA", help="calibration images: a folder (flat or class sub-folders) or digits:train")
     p.add_argument("--calib-count", type=int, default=256, metavar="N", help="calibration images to use (default 256)")
-    p.add_argument("--calib-method", default="entropy", choices=("entropy", "max", "percentile"),
-                   help="INT8 activation range method (default entropy)")
+    p.add_argument("--calib-method", default="entropy",
+                   choices=("entropy", "max", "percentile", "percentile-99.9", "percentile-99.99", "mse"),
+                   help="INT8 activation range method of the TensorRT form (default entropy; percentile = 99.99; "
+                        "compared in docs/results.md)")
     p.add_argument("--holdout", metavar="DATA", help="labelled held-out data for parity and the accuracy report "
                    "(default: digits:test for digits calibration, else unused calibration images)")
     p.add_argument("--holdout-count", type=int, default=1000, metavar="N", help="held-out images to use (default 1000)")
@@ -32,7 +34,7 @@ def add_arguments(p) -> None:
                         "form judged as TensorRT computes it, the CPU form with this CPU's kernels); more fails the compile")
     p.add_argument("--accept-drop", action="store_true",
                    help="write the bundle even when an exit loses more than --max-exit-drop (reported loudly)")
-    p.add_argument("--sensitivity", action="store_true",
+    p.add_argument("--sensitivity", action="store_true", default=None,
                    help="INT8: write reports/sensitivity.json (accuracy drop per exit with one layer quantized at a time); "
                         "written anyway when an accepted INT8 bundle misses the budget")
     p.add_argument("--exit-policy", default="max_softmax", choices=("max_softmax", "entropy", "margin"),
