@@ -12,6 +12,8 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p) -> None:
+    from .options import add_allow_pickle, add_data, add_quiet, add_trt_builder
+
     p.add_argument("model", metavar="MODEL.pt", help="checkpoint written by 'dmpo-edge tune' (or save_checkpoint)")
     p.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="bundle folder to write")
     prec = p.add_mutually_exclusive_group()
@@ -20,7 +22,7 @@ def add_arguments(p) -> None:
     prec.add_argument("--int8", dest="precision", action="store_const", const="int8",
                       help="INT8 with explicit Q/DQ calibrated on --calib")
     prec.add_argument("--precision", dest="precision", choices=("fp32", "fp16", "int8"), help="default fp32")
-    p.add_argument("--calib", metavar="DATA", help="calibration images: a folder (flat or class sub-folders) or digits:train")
+    add_data(p, "--calib", what="calibration images", split="train", labelled=False)
     p.add_argument("--calib-count", type=int, default=256, metavar="N", help="calibration images to use (default 256)")
     p.add_argument("--calib-method", default="entropy",
                    choices=("entropy", "max", "percentile", "percentile-99.9", "percentile-99.99", "mse"),
@@ -50,11 +52,9 @@ def add_arguments(p) -> None:
     p.add_argument("--int8-tool", default="auto", choices=("auto", "modelopt", "onnxruntime"))
     p.add_argument("--build", default="auto", choices=("auto", "never", "always"),
                    help="build TensorRT engines now (auto: when TensorRT and a GPU are present)")
-    p.add_argument("--frontend", default="onnx", choices=("onnx", "torch-tensorrt"), help="engine builder frontend")
-    p.add_argument("--buckets", metavar="B1,B2", help="extra TensorRT batch profiles, e.g. 1,8,32")
-    p.add_argument("--workspace-mib", type=int, default=1024, help="TensorRT builder workspace cap in MiB (default 1024)")
-    p.add_argument("--allow-pickle", action="store_true", help="load a pickled nn.Module checkpoint (runs code from it)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_trt_builder(p)
+    add_allow_pickle(p)
+    add_quiet(p)
 
 
 def _print_summary(bundle, seconds: float) -> None:
