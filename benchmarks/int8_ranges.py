@@ -26,7 +26,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- int8-ranges:begin -->", "<!-- int8-ranges:end -->"

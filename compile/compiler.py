@@ -11,8 +11,7 @@ Python API::
     bundle = compile_bundle("out/model.pt", "out/bundle_int8", precision="int8", calib="digits:train")
 
 Everything happens inside :func:`dmpo_edge.bundle.atomic_directory`: the bundle appears complete or not at all,
-and an existing output is refused unless ``force``. (Over 500 lines: the per-stage INT8 choice and its scoring share
-the compile's held-out FP32 chain and scratch space; the quantizers, reports and sensitivity have their own modules.)
+and an existing output is refused unless ``force``.
 """
 
 from __future__ import annotations
