@@ -168,10 +168,13 @@ def test_int8_cpu_form_is_u8_and_recorded(tiny_bundle_factory):
     cpu = prec["cpu_variant"]
     assert cpu["timings_ms"]["fp32"] > 0 and cpu["timings_ms"]["cpu_variant"] > 0 and len(cpu["per_stage"]) == b.num_stages
     # quantized for the CPU it was compiled on: 7-bit weights exactly where U8 x S8 kernels saturate
-    from dmpo_edge.compile.int8 import cpu_weight_scheme
+    from dmpo_edge.compile.int8 import cpu_weight_schemes
     from dmpo_edge.cpu_isa import detect
 
-    assert cpu["target_isa"] == dict(detect()) and cpu["weight_scheme"] == cpu_weight_scheme()
+    schemes = cpu_weight_schemes()
+    assert cpu["target_isa"] == dict(detect()) and cpu["weight_schemes_tried"] == list(schemes)
+    for r in cpu["per_stage"]:
+        assert r["weights"] in schemes and r["choice"] == f"{r['format']}:{r['weights']}"
     for k, st in enumerate(b.stages):
         var = st["variants"]["cpu"]
         assert var["file"] == f"stage_{k}.cpu.onnx" and var["sha256"] != st["sha256"]

@@ -21,12 +21,12 @@ from dmpo_edge.cpu_isa import detect, from_flags, mismatch_warning  # noqa: E402
 K, N, M = 64, 16, 8
 
 
-def _qdq_matmul(path, w_q, x_scale=1.0, w_scale=1.0, act=TensorProto.UINT8):
+def _qdq_matmul(path, w_q, x_scale=1.0, w_scale=1.0, act=TensorProto.UINT8, w_zp=0):
     """x -> Q -> DQ -> MatMul(DQ(w_q)) -> y: the shape ONNX Runtime fuses into an integer GEMM."""
     zp = np.array(0, np.uint8 if act == TensorProto.UINT8 else np.int8)
     inits = [numpy_helper.from_array(np.array(x_scale, np.float32), "x_s"), numpy_helper.from_array(zp, "x_zp"),
              numpy_helper.from_array(w_q, "w_q"), numpy_helper.from_array(np.asarray(w_scale, np.float32), "w_s"),
-             numpy_helper.from_array(np.zeros(np.shape(w_scale), np.int8), "w_zp")]
+             numpy_helper.from_array(np.full(np.shape(w_scale), w_zp, w_q.dtype), "w_zp")]
     wdq = helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_zp"], ["wd"], name="wdq",
                            **({"axis": 1} if np.ndim(w_scale) else {}))
     nodes = [helper.make_node("QuantizeLinear", ["x", "x_s", "x_zp"], ["xq"], name="q"),
@@ -72,6 +72,17 @@ def test_seven_bit_weights_do_not_saturate_on_any_cpu(tmp_path):
     path = _qdq_matmul(tmp_path / "w7.onnx", w)
     expected = (x.astype(np.float64) @ w.astype(np.float64)).astype(np.float32)
     np.testing.assert_array_equal(session(path).run(None, {"x": x})[0], expected)
+
+
+def test_u8_weights_do_not_saturate_on_any_cpu(tmp_path):
+    """The CPU form's other scheme there: U8 weights (zero point 128), full 8-bit range, U8U8 kernels."""
+    w = np.full((K, N), 255, np.uint8)
+    w[::2] = 0
+    x = np.full((M, K), 255.0, np.float32)
+    path = _qdq_matmul(tmp_path / "u8.onnx", w, w_zp=128)
+    expected = (x.astype(np.float64) @ (w.astype(np.float64) - 128)).astype(np.float32)
+    np.testing.assert_array_equal(session(path).run(None, {"x": x})[0], expected)
+    np.testing.assert_array_equal(session(path, simulate_qdq=True).run(None, {"x": x})[0], expected)
 
 
 def test_simulation_is_numpy_quantize_dequantize_of_a_real_layer(tmp_path):

@@ -85,6 +85,7 @@ class OrtBackend(Backend):
         self.providers = []
         self.files = []
         self.on_device = False
+        self.isa_warning = None  # set on activation when the CPU form was quantized for another kind of CPU
 
     def _activate_impl(self) -> None:
         ort = require("onnxruntime", "running stage graphs with ONNX Runtime")
