@@ -2,7 +2,7 @@
 
 One piece at over 500 lines on purpose: :func:`compile_model` is one transaction (one scratch folder, one progress
 bar, one :func:`~dmpo_edge.bundle.atomic_directory`), and the precision plan below it (``_apply_precision``,
-``_Downstream``, ``_int8``, ``_sensitivity``) steers that transaction's FP32 chains and scratch files between the modules that do the
+``_Downstream``, ``_int8``) steers that transaction's FP32 chains and scratch files between the modules that do the
 graph work (export, fp16, int8, report). Should the plan grow further, it moves to a module of its own.
 
 Python API::
