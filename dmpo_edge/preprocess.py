@@ -19,6 +19,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: largest resize / crop side accepted (a network input far beyond any edge model's)
 MAX_SIDE = 8192
+#: bounds of a sane normalisation on the [0, 1] pixel scale (see Preprocess)
+MIN_STD, MAX_NORM = 1e-3, 255.0
 
 
 def to_rgb_uint8(image: np.ndarray, where: str = "preprocess") -> np.ndarray:
@@ -120,6 +122,12 @@ class Preprocess:
             raise DmpoEdgeError("preprocess", "mean and std need 3 values (R, G, B)")
         if not all(math.isfinite(v) for v in self.mean + self.std) or not all(v > 0 for v in self.std):
             raise DmpoEdgeError("preprocess", f"mean {list(self.mean)} / std {list(self.std)} must be finite, std > 0")
+        # Pixels are scaled to [0, 1] first: a std below 1e-3 (1e-300 is 0 in float32) or a mean far outside the
+        # pixel range turns every input into huge values that overflow FP16 graphs; such a record is a mistake.
+        if not all(MIN_STD <= v <= MAX_NORM for v in self.std) or not all(abs(v) <= MAX_NORM for v in self.mean):
+            raise DmpoEdgeError("preprocess", f"mean {list(self.mean)} / std {list(self.std)} are not on the [0, 1] pixel "
+                                f"scale (std in [{MIN_STD:g}, {MAX_NORM:g}], |mean| <= {MAX_NORM:g}; ImageNet's are "
+                                f"{list(IMAGENET_MEAN)} / {list(IMAGENET_STD)})")
 
     def to_dict(self) -> dict:
         d = asdict(self)
