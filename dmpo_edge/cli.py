@@ -56,7 +56,9 @@ def main(argv=None) -> int:
             return 0
         return int(importlib.import_module(_module_name(args.command)).run(args) or 0)
     except DmpoEdgeError as exc:
-        print(f"dmpo-edge: error: {exc}", file=sys.stderr)
+        from .terminal import printable  # file names and class names may carry escapes or undecodable bytes
+
+        print(f"dmpo-edge: error: {printable(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dmpo-edge: interrupted", file=sys.stderr)

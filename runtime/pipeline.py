@@ -53,7 +53,7 @@ from ..errors import DmpoEdgeError
 from ..locking import swap_lock
 from ._common import as_bundle
 from .backends import Backend, get_backend
-from .checks import check_batch
+from .checks import MAX_IN_FLIGHT, check_batch, check_int
 
 __all__ = ["Pipeline", "Results", "StageStats"]
 
@@ -150,8 +150,10 @@ class _Group:
 
 def _check_thresholds(values, num_stages: int, where="thresholds") -> tuple:
     try:
+        if isinstance(values, (str, bytes)) or any(isinstance(v, (str, bytes, bool)) for v in values):
+            raise TypeError("text")  # "999" is not [9, 9, 9]
         vals = tuple(float(v) for v in values)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise DmpoEdgeError(where, f"{values!r} is not a list of numbers. Expected {num_stages - 1} floats (one per early exit)") from None
     if len(vals) != num_stages - 1:
         raise DmpoEdgeError(where, f"got {len(vals)} thresholds, expected {num_stages - 1} (one per early exit; the last exit takes everyone)")
@@ -227,9 +229,7 @@ class Pipeline:
         self._thresholds = _check_thresholds(thresholds, self.num_stages)
         self.backend.activate()
         self.max_batch = backend.max_batch  # TensorRT engines may be built for less than the manifest's max batch
-        if not isinstance(max_in_flight, int) or max_in_flight < 1:
-            raise DmpoEdgeError("pipeline", f"max_in_flight {max_in_flight!r} must be a positive integer")
-        self.max_in_flight = max_in_flight
+        self.max_in_flight = check_int(max_in_flight, "max_in_flight", "pipeline", 1, MAX_IN_FLIGHT)
         self.buckets = _check_buckets(buckets, self.max_batch)
         use = getattr(backend, "use_buckets", None)
         if use is not None:
@@ -389,9 +389,7 @@ class Pipeline:
 
     def _run(self, x, return_logits, batch_size, thresholds, exits) -> Results:
         x = check_batch(self.bundle, x, where="pipeline predict")  # the only check: submit() trusts it
-        bs = self.max_batch if batch_size is None else int(batch_size)
-        if bs < 1:
-            raise DmpoEdgeError("pipeline predict", f"batch_size {batch_size!r} must be a positive integer")
+        bs = self.max_batch if batch_size is None else check_int(batch_size, "batch_size", "pipeline predict", 1, 1 << 30)
         n = x.shape[0]
         thr = self._batch_thresholds(thresholds, exits)
         if n <= min(bs, self.max_batch):
