@@ -352,3 +352,35 @@ def test_a_full_disk_during_compile_is_one_line_and_keeps_the_old_bundle(tmp_pat
     err = _one_line_error(r)
     assert "compile | " in err and "Nothing was replaced" in err
     assert os.listdir(out) == ["keep.txt"]
+
+
+# ---- one line on stderr ----------------------------------------------------------------------------------------
+
+_NOISY_COMMAND = r'''
+import os, sys, types, warnings
+from dmpo_edge import cli
+from dmpo_edge.errors import DmpoEdgeError
+mod = types.ModuleType("dmpo_edge.commands.inspect")
+mod.add_arguments = lambda p: p.add_argument("what")
+def run(args):
+    for _ in range(303):  # what a C decoder writes to fd 2
+        os.write(2, b"libpng warning: iCCP: known incorrect sRGB profile\n")
+    warnings.warn("TypedStorage is deprecated", UserWarning)
+    if args.what == "fail":
+        raise DmpoEdgeError("image a.png", "cannot decode (OSError: broken data stream\nwhen reading image file)")
+    return 0
+mod.run = run
+sys.modules["dmpo_edge.commands.inspect"] = mod
+sys.exit(cli.main(["inspect"] + sys.argv[1:]))
+'''
+
+
+@pytest.mark.parametrize("what,rc,first", [("fail", 2, "dmpo-edge: error: image a.png | cannot decode"),
+                                           ("ok", 0, "dmpo-edge: note: 1 library warning(s) and 303 line(s)")])
+def test_library_noise_is_one_summary_line_unless_verbose(what, rc, first):
+    """Before: up to 303 lines of decoder output and multi-line messages before (or instead of) the error."""
+    r = subprocess.run([PY, "-c", _NOISY_COMMAND, what], capture_output=True, text=True, timeout=60)
+    assert r.returncode == rc and r.stderr.count("\n") == 1 and r.stderr.startswith(first), r.stderr[-1000:]
+    assert "303 line(s) of library output hidden" in r.stderr and "--verbose" in r.stderr
+    r = subprocess.run([PY, "-c", _NOISY_COMMAND, what, "--verbose"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == rc and r.stderr.count("libpng warning") == 303 and "TypedStorage" in r.stderr

@@ -20,7 +20,6 @@ import pytest
 
 from dmpo_edge.bundle import Bundle, replace_directory, sha256_file, write_json_atomic
 from dmpo_edge.errors import DmpoEdgeError
-from dmpo_edge.locking import lock_paths, swap_lock, writer_lock
 
 PY = sys.executable
 
@@ -85,10 +84,14 @@ def test_a_second_writer_is_refused_while_calibrate_holds_the_bundle(toy_copy, m
     assert b.thresholds is not None
     # once calibrate is done the lock is free again, and the holder record is cleared
     assert second_writer().returncode == 0
+    from dmpo_edge.locking import lock_paths
+
     assert os.path.getsize(lock_paths(path)[0]) == 0
 
 
 def test_the_writer_lock_is_reentrant_in_one_thread_and_exclusive_across_threads(tmp_path):
+    from dmpo_edge.locking import writer_lock
+
     target = str(tmp_path / "b")
     got = []
     with writer_lock(target, "t", "compile"):
@@ -154,6 +157,8 @@ def test_compile_force_during_calibrate_is_refused_and_the_bundle_stays_loadable
 
 def test_a_reader_loading_holds_off_the_swap(toy_copy, toy_bundle, tmp_path):
     """A writer's swap waits for a reader that is loading; the reader gets the old bundle whole."""
+    from dmpo_edge.locking import swap_lock, writer_lock
+
     path, _, _ = toy_copy
     old = [s["sha256"] for s in Bundle.load(path).stages]
     with writer_lock(path, "t", "test"):  # creates the swap lock file, as every writer does
