@@ -112,6 +112,7 @@ class ImageFolderSource(FrameSource):
         self.limits = {"max_bytes": max_file_bytes, "max_pixels": max_pixels}
         self.skipped = []  # paths of the images skipped with skip_bad, one entry each
         self.skip_reasons = []  # why, in the same order
+        self.ignored = []  # files in the folder that are not images by their extension (GIFs, videos, text)
         if not os.path.isdir(path):  # one file (a FIFO or device here is refused when read, not hung on)
             self.files = [(path, None)]
         else:
@@ -121,7 +122,11 @@ class ImageFolderSource(FrameSource):
                 rel = os.path.relpath(root, path)
                 label = None if rel == "." else rel.split(os.sep)[0]
                 files += [(os.path.join(root, n), label) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+                # GIFs, videos, notes: not frames of an image folder, but said so (summary "ignored"), not hidden
+                self.ignored += [os.path.join(root, n) for n in names
+                                 if not n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
             self.files = sorted(files)
+            self.ignored.sort()
             if not self.files:
                 raise DmpoEdgeError(f"source {path}", f"folder has no images. Expected files ending in {', '.join(IMAGE_EXTENSIONS)}")
         self.expected_frames = len(self.files)

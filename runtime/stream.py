@@ -276,6 +276,8 @@ class Stream:
         if getattr(self.source, "skipped", None):
             out["skipped"] = list(self.source.skipped)
             out["skip_reasons"] = list(getattr(self.source, "skip_reasons", []))
+        if getattr(self.source, "ignored", None):
+            out["ignored"] = list(self.source.ignored)
         if self.frames_failed:
             out["frames_failed"] = self.frames_failed
         if self.error is not None:

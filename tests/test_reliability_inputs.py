@@ -80,6 +80,18 @@ def _png_header_only(path, w, h):
         f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
+def test_gifs_and_other_files_in_an_image_folder_are_reported_as_ignored(toy, tmp_path, capsys):
+    """Before: a GIF in a frame folder was skipped without a word."""
+    from dmpo_edge.cli import main
+
+    folder = _pngs(tmp_path / "f", 2, toy.size)
+    open(os.path.join(folder, "anim.gif"), "wb").write(b"GIF89a")
+    open(os.path.join(folder, ".hidden"), "wb").write(b"x")
+    assert main(["run", toy.path, "--source", folder, "--backend", "ort", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "ignored 1 file(s) that are not images by name" in out and "anim.gif" in out
+
+
 def test_pixel_and_size_limits_apply_before_decoding(tmp_path):
     from dmpo_edge.images import load_image
 

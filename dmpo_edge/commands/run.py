@@ -70,6 +70,11 @@ def _print_summary(s: dict, as_json: bool) -> None:
 
         why = s.get("skip_reasons") or [""]
         print(f"  skipped {len(s['skipped'])} unreadable image(s), first: {printable(s['skipped'][0])} ({printable(why[0])})")
+    if s.get("ignored"):
+        from ..terminal import printable
+
+        print(f"  ignored {len(s['ignored'])} file(s) that are not images by name (GIF, video, other), first: "
+              f"{printable(s['ignored'][0])}")
     sys.stdout.flush()
 
 
