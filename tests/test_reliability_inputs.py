@@ -350,20 +350,34 @@ def test_complex_weights_are_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_full_disk_during_compile_is_one_line_and_keeps_the_old_bundle(tmp_path):
-    """Before: an OSError traceback (exit 1). The file-size limit makes every large write fail like a full disk."""
+def test_a_full_disk_during_compile_is_one_line_and_keeps_the_old_bundle(tmp_path, monkeypatch, capsys):
+    """Before: an OSError traceback (exit 1) when the disk filled up while the bundle's files were written.
+
+    The disk fills at that very point: the copy of the first stage graph into the new bundle fails with ENOSPC."""
+    import errno
+
+    import dmpo_edge.compile.compiler as compiler
+    from dmpo_edge.cli import main
+
     ck = _checkpoint(str(tmp_path / "m.pt"))
     out = str(tmp_path / "bundle")
     os.makedirs(out)
     open(os.path.join(out, "keep.txt"), "w").write("old")
-    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-            "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); from dmpo_edge.cli import main; sys.exit(main(sys.argv[1:]))")
-    r = subprocess.run([PY, "-c", code, "compile", ck, "-o", out, "--force", "--quiet", "--build", "never",
-                        "--exporter", "torchscript"], capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, TMPDIR=str(tmp_path)))
-    err = _one_line_error(r)
-    assert "compile | " in err and "Nothing was replaced" in err
+    real = compiler.shutil.copyfile
+
+    def disk_full(src, dst, *a, **kw):
+        if os.path.basename(dst).startswith("stage_"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), dst)
+        return real(src, dst, *a, **kw)
+
+    monkeypatch.setattr(compiler.shutil, "copyfile", disk_full)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    rc = main(["compile", ck, "-o", out, "--force", "--quiet", "--build", "never", "--exporter", "torchscript"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith("dmpo-edge: error: compile | the disk is full writing ") and "Nothing was replaced" in err
     assert os.listdir(out) == ["keep.txt"]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".bundle.tmp-")]  # no half-written bundle left
 
 
 # ---- one line on stderr ----------------------------------------------------------------------------------------
