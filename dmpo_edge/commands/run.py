@@ -17,11 +17,12 @@ from ..errors import DmpoEdgeError
 
 
 def add_arguments(p) -> None:
-    p.add_argument("bundle", help="bundle folder written by 'dmpo-edge compile'")
+    from .options import add_backend, add_bundle, add_in_flight, add_json_lines, add_quiet, add_thresholds
+
+    add_bundle(p)
     p.add_argument("--source", required=True,
                    help="image folder, image or video file, camera index or /dev/videoN, URL, or GStreamer pipeline (gst:...)")
-    p.add_argument("--backend", default="auto", choices=["auto", "ort", "trt", "null"],
-                   help="auto = TensorRT when engines for this GPU exist, else ONNX Runtime (default: auto)")
+    add_backend(p, allow_null=True)
     p.add_argument("--batch", type=int, default=None, help="frames per micro-batch (default: min(8, max batch))")
     p.add_argument("--max-wait-ms", type=float, default=20.0, help="longest wait to fill a micro-batch (default: 20)")
     mode = p.add_mutually_exclusive_group()
@@ -30,9 +31,8 @@ def add_arguments(p) -> None:
     mode.add_argument("--lossless", dest="realtime", action="store_false",
                       help="classify every frame (default for folders and files)")
     p.add_argument("--limit", type=int, default=None, help="stop after N frames")
-    p.add_argument("--thresholds", default=None,
-                   help="comma-separated exit thresholds overriding the bundle's (one per early exit)")
-    p.add_argument("--in-flight", type=int, default=2, help="micro-batches in flight (default: 2)")
+    add_thresholds(p)
+    add_in_flight(p, what="micro-batches")
     p.add_argument("--width", type=int, default=None, help="camera / GStreamer frame width")
     p.add_argument("--height", type=int, default=None, help="camera / GStreamer frame height")
     p.add_argument("--skip-bad", action="store_true", help="skip images that cannot be decoded instead of stopping")
@@ -40,8 +40,8 @@ def add_arguments(p) -> None:
                    help="largest image file read from a folder (default 256; checked before decoding)")
     p.add_argument("--max-megapixels", type=float, default=None, metavar="MP",
                    help="largest image (width x height) decoded from a folder (default 50; checked from the header)")
-    p.add_argument("--json", action="store_true", help="print JSON lines (one per frame, then a summary line)")
-    p.add_argument("--quiet", action="store_true", help="print the summary only")
+    add_json_lines(p, what="JSON lines (one per frame, then a summary line)")
+    add_quiet(p, what="print the summary only")
 
 
 def _thresholds(text):
@@ -82,13 +82,15 @@ def run(args) -> int:
     from ..runtime.checks import check_float
     from ..runtime.stream import stream
     from ..terminal import printable
+    from .options import checked_backend
 
+    backend = checked_backend(args.backend, where="run", allow_null=True)
     max_bytes = None if args.max_file_mb is None else int(check_float(args.max_file_mb, "--max-file-mb", "run", 1e-3, 1e6) * 2**20)
     max_pixels = (None if args.max_megapixels is None
                   else int(check_float(args.max_megapixels, "--max-megapixels", "run", 1e-3, 1e5) * 1e6))
     st = stream(args.bundle, args.source, batch=args.batch, max_wait_ms=args.max_wait_ms, realtime=args.realtime,
-                limit=args.limit, backend=args.backend, thresholds=_thresholds(args.thresholds),
-                max_in_flight=args.in_flight, width=args.width, height=args.height, skip_bad=args.skip_bad,
+                limit=args.limit, backend=backend, thresholds=_thresholds(args.thresholds),
+                max_in_flight=args.max_in_flight, width=args.width, height=args.height, skip_bad=args.skip_bad,
                 max_file_bytes=max_bytes, max_pixels=max_pixels)
     err = None
     n = 0
