@@ -22,6 +22,7 @@ import tempfile
 
 from .errors import DmpoEdgeError
 from .locking import swap_lock
+from .manifest_checks import check_agreement, check_data_files
 from .onnx_refs import external_data_files
 from .preprocess import Preprocess
 
@@ -159,8 +160,8 @@ def _validate_manifest(m) -> dict:
         for var in variants.values():
             _check_keys(var, {"file": str, "sha256": str}, sw + " variant")
         for entry in [st] + list(variants.values()):
-            _check_data_files(entry, sw)
-    _check_agreement(m)
+            check_data_files(entry, sw)
+    check_agreement(m)
     th = m.get("thresholds")
     if th is not None:
         vals = th.get("values") if isinstance(th, dict) else None
@@ -169,45 +170,6 @@ def _validate_manifest(m) -> dict:
         for v in vals:  # inf is allowed: "never exit here"
             _number(v, "threshold", where, allow_inf=True)
     return m
-
-
-def _check_data_files(entry: dict, where: str) -> None:
-    """``data_files``: the external-data files a graph loads, each with its sha256 like the graph itself."""
-    files = entry.get("data_files")
-    if files is None:
-        return
-    if not isinstance(files, list) or len(files) > 4096:
-        raise DmpoEdgeError(where, "data_files must be a list of {file, sha256} objects")
-    for d in files:
-        _check_keys(d, {"file": str, "sha256": str}, where + " data file")
-        if len(d["sha256"]) != 64 or any(c not in "0123456789abcdef" for c in d["sha256"]):
-            raise DmpoEdgeError(where, f"data file {d['file']!r}: sha256 is not a 64-digit hex string")
-
-
-def _check_agreement(m: dict) -> None:
-    """What the manifest says in two places must agree: a class list shorter than the logits would index past it
-    at run time, and a preprocessing size other than the graph's input fails (or costs gigabytes) on frame one."""
-    classes = m["model"]["classes"]
-    declared = m["model"].get("num_classes")
-    if declared is not None and (isinstance(declared, bool) or declared != len(classes)):
-        raise DmpoEdgeError("manifest", f"model.num_classes is {declared!r} but model.classes lists {len(classes)} names. "
-                            "The manifest was edited or damaged; recompile the bundle")
-    for k, st in enumerate(m["stages"]):
-        for t in st["outputs"]:
-            if t["name"] == "logits":
-                c = t["shape"][-1] if t["shape"] and isinstance(t["shape"][-1], int) else None
-                if c is not None and c != len(classes):
-                    raise DmpoEdgeError(f"manifest stage {k}", f"logits have {c} classes but model.classes lists "
-                                        f"{len(classes)} names. Recompile the bundle (or fix the class list)")
-    size = list(Preprocess.from_dict(m["preprocess"]).size)
-    for t in m["stages"][0]["inputs"]:
-        if t["name"] == "input" and len(t["shape"]) == 4:
-            hw = t["shape"][2:]
-            if all(isinstance(d, int) for d in hw) and list(hw) != size:
-                raise DmpoEdgeError("manifest stage 0", f"input is {hw[0]} x {hw[1]} but preprocess.size is "
-                                    f"{size[0]} x {size[1]}. Recompile the bundle (or fix preprocess)")
-            if isinstance(t["shape"][1], int) and t["shape"][1] != 3:
-                raise DmpoEdgeError("manifest stage 0", f"input has {t['shape'][1]} channels; preprocessing makes 3")
 
 
 def _umask() -> int:

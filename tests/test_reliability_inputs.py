@@ -16,7 +16,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from dmpo_edge.bundle import Bundle, write_json_atomic
+from dmpo_edge.bundle import write_json_atomic
 from dmpo_edge.errors import DmpoEdgeError
 
 PY = sys.executable
