@@ -37,7 +37,7 @@ except ImportError:  # not POSIX: no advisory locks
     fcntl = None
 
 #: longest a writer waits for readers that are loading the bundle (or a reader for a swap) before giving up
-SWAP_TIMEOUT_S = 120.0
+SWAP_TIMEOUT_S = 600.0  # hashing a multi-GB bundle on an SD card takes minutes
 
 _held = {}  # (kind, real path) -> [thread id, depth, fd]: a writer may call another writer (compile -> build)
 _held_guard = threading.Lock()
@@ -45,7 +45,7 @@ _held_guard = threading.Lock()
 
 def lock_paths(target: str) -> tuple:
     """(writer lock file, swap lock file) of a bundle folder or checkpoint file."""
-    target = os.path.abspath(os.fspath(target))
+    target = os.path.realpath(os.path.abspath(os.fspath(target)))  # one lock however the path is spelled
     parent, name = os.path.dirname(target), os.path.basename(target.rstrip(os.sep)) or "root"
     return os.path.join(parent, f".{name}.lock"), os.path.join(parent, f".{name}.swap")
 

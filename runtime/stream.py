@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import DmpoEdgeError
-from ._common import as_bundle
 from .checks import MAX_IN_FLIGHT, check_float, check_int
 from .pipeline import Pipeline
 from .sources import FrameSource, open_source
@@ -70,17 +69,19 @@ class Stream:
         max_wait_ms = check_float(max_wait_ms, "max_wait_ms", where, 0.0, 60_000.0)
         limit = None if limit is None else check_int(limit, "limit", where, 1, 1 << 62)
         max_in_flight = check_int(max_in_flight, "max_in_flight", where, 1, MAX_IN_FLIGHT)
-        self.bundle = pipeline.bundle if pipeline is not None else as_bundle(bundle)
+        # The pipeline is built from the path itself: it loads, verifies and creates the sessions under the
+        # bundle's shared swap lock, so a compile or calibrate cannot swap files in between.
+        self._own_pipeline = pipeline is None
+        self.pipeline = pipeline or Pipeline.from_bundle(bundle, backend=backend, thresholds=thresholds,
+                                                         max_in_flight=max_in_flight, **(pipeline_options or {}))
+        self.bundle = self.pipeline.bundle
         self._own_source = not isinstance(source, FrameSource)
-        self.source = open_source(source, width=width, height=height, skip_bad=skip_bad, max_file_bytes=max_file_bytes,
-                                  max_pixels=max_pixels) if self._own_source else source
         try:
-            self._own_pipeline = pipeline is None
-            self.pipeline = pipeline or Pipeline.from_bundle(self.bundle, backend=backend, thresholds=thresholds,
-                                                             max_in_flight=max_in_flight, **(pipeline_options or {}))
+            self.source = open_source(source, width=width, height=height, skip_bad=skip_bad, max_file_bytes=max_file_bytes,
+                                      max_pixels=max_pixels) if self._own_source else source
         except BaseException:
-            if self._own_source:
-                self.source.close()
+            if self._own_pipeline:
+                self.pipeline.close()
             raise
         self.batch = int(batch or min(8, self.bundle.max_batch))
         if not 1 <= self.batch <= 1 << 16:
