@@ -15,6 +15,7 @@ atomically (a temp folder renamed into place). Written against the TensorRT 10.x
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import os
 import shutil
 import sys
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from .._lazy import available, require
 from ..bundle import Bundle, replace_directory, sha256_file, write_json_atomic
+from ..locking import swap_lock, writer_lock
 from ..engines import read_engines_json
 from ..errors import DmpoEdgeError
 from .trt_settings import (
@@ -145,7 +147,14 @@ def _profiles_json(profiles: list) -> list:
     return [{name: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for name, v in p.items()} for p in profiles]
 
 
-def build_engines(bundle_path: str, max_batch: int | None = None, buckets=(), workspace_mib: int = DEFAULT_WORKSPACE_MIB,
+def build_engines(bundle_path: str, *args, **kwargs) -> str:
+    """See :func:`_build_engines`; holds the bundle's writer lock throughout (a compile or calibrate of the same
+    bundle is refused meanwhile; an outer compile that already holds it builds straight on)."""
+    with writer_lock(bundle_path, f"build {bundle_path}", "build"):
+        return _build_engines(bundle_path, *args, **kwargs)
+
+
+def _build_engines(bundle_path: str, max_batch: int | None = None, buckets=(), workspace_mib: int = DEFAULT_WORKSPACE_MIB,
                   strongly_typed: bool | None = None, force: bool = False, frontend: str = "onnx", verbose: bool = False,
                   checkpoint: str | None = None, log=None) -> str:
     """Build every stage's engine for this GPU; returns the engines folder. Skips an up-to-date build unless ``force``."""
@@ -169,6 +178,10 @@ def build_engines(bundle_path: str, max_batch: int | None = None, buckets=(), wo
         if os.path.isfile(cache_src):  # the previous build's timing cache makes a rebuild fast
             with open(cache_src, "rb") as f:
                 cache_blob = f.read()
+            want = (old or {}).get("timing_cache_sha256")
+            if not want or hashlib.sha256(cache_blob).hexdigest() != want:  # unverified bytes never reach the builder
+                log(f"engines: ignoring {cache_src} (no matching sha256 in {ENGINES_JSON}); timing from scratch")
+                cache_blob = None
         if frontend == "torch-tensorrt":
             from .torchtrt import build_torch_tensorrt_engines
 
@@ -181,8 +194,13 @@ def build_engines(bundle_path: str, max_batch: int | None = None, buckets=(), wo
                 with open(os.path.join(tmp, TIMING_CACHE), "wb") as f:
                     f.write(cache_blob)
                 timing_cache = TIMING_CACHE
-        write_json_atomic(os.path.join(tmp, ENGINES_JSON), engines_record(settings, bundle, engines, timing_cache))
-        replace_directory(tmp, final)  # atomic swap where the filesystem has one: a kill leaves old or new engines
+        record = engines_record(settings, bundle, engines, timing_cache)
+        if timing_cache:
+            record["timing_cache_sha256"] = sha256_file(os.path.join(tmp, timing_cache))
+        write_json_atomic(os.path.join(tmp, ENGINES_JSON), record)
+        with swap_lock(bundle.path, shared=False, where=f"build {bundle.path}"):
+            bundle.check_unchanged()  # engines built from graphs that another writer replaced are not installed
+            replace_directory(tmp, final)  # atomic swap where the filesystem has one: a kill leaves old or new engines
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -66,3 +66,11 @@ def test_null_backend_only_where_its_output_means_something(capsys, toy_bundle):
     line = _one_error_line(capsys, ["eval", toy_bundle().path, "--data", "digits:test", "--backend", "null"])
     assert "unknown backend 'null'" in line, line
     assert "null" in _actions("run")["backend"].metavar
+
+
+@pytest.mark.parametrize("command", ["run", "bench"])
+def test_batches_in_flight_take_both_spellings(command):
+    for flag in ("--in-flight", "--max-in-flight"):
+        argv = [command, "B", flag, "3"] + (["--source", "frames/"] if command == "run" else [])
+        assert build_parser(command).parse_args(argv).max_in_flight == 3
+    assert _actions(command)["max_in_flight"].default == 2

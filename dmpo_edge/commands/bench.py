@@ -17,7 +17,7 @@ RANDOM_SAMPLES = 512
 
 def add_arguments(p) -> None:
     from ..runtime.bench import DEFAULT_DURATION_S, DEFAULT_ITERATIONS, DEFAULT_SWEEP_BUDGETS, DEFAULT_WARMUP_MS
-    from .options import add_backend, add_bundle, add_data, add_json_report, add_quiet, add_thresholds
+    from .options import add_backend, add_bundle, add_data, add_in_flight, add_json_report, add_quiet, add_thresholds
 
     add_bundle(p)
     add_backend(p)
@@ -53,7 +53,7 @@ def add_arguments(p) -> None:
     p.add_argument("--no-settle", action="store_true",
                    help="no untimed settle call before each timed one-batch call (each configuration is then timed "
                         "in the caches the other one left behind)")
-    p.add_argument("--max-in-flight", type=int, default=2, metavar="N", help="pipeline: batches in flight (default 2)")
+    add_in_flight(p)
     p.add_argument("--buckets", metavar="pow2|B1,B2,...", help="pipeline: pad stage batches up to these sizes")
     p.add_argument("--refill", action="store_true", help="pipeline: merge shrunken stage batches")
     p.add_argument("--threads", type=int, metavar="N",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 __all__ = [
     "BACKEND_CHOICES", "add_allow_pickle", "add_backend", "add_batch_size", "add_bundle", "add_data",
-    "add_json_lines", "add_json_report", "add_quiet", "add_thresholds", "add_trt_builder", "checked_backend",
+    "add_in_flight", "add_json_lines", "add_json_report", "add_quiet", "add_thresholds", "add_trt_builder", "checked_backend",
 ]
 
 # What a user may pass to --backend. ``null`` (no inference, for host-overhead measurements) is offered only where a
@@ -84,6 +84,13 @@ def add_quiet(p, *, what: str = "no progress bars or progress messages") -> None
 def add_thresholds(p) -> None:
     p.add_argument("--thresholds", default=None, metavar="T0,T1,...",
                    help="explicit exit thresholds overriding the bundle's, one per early exit")
+
+
+def add_in_flight(p, *, what: str = "batches") -> None:
+    """Batches the pipeline keeps in flight; both spellings work in every command (``run`` said ``--in-flight``,
+    ``bench`` ``--max-in-flight``, the pipeline's own name)."""
+    p.add_argument("--max-in-flight", "--in-flight", dest="max_in_flight", type=int, default=2, metavar="N",
+                   help=f"pipeline: {what} in flight (default 2)")
 
 
 def add_allow_pickle(p) -> None:

@@ -249,7 +249,9 @@ class TrtBackend(Backend):
 
     def _load_stage(self, k: int, path: str, digest, io_map: dict | None = None) -> _Stage:
         trt = self.trt
-        if self.verify_engines and digest and sha256_file(path) != digest:
+        if self.verify_engines and not digest:  # an engine no checksum covers is not deserialized
+            raise DmpoEdgeError(f"engine {path}", f"has no sha256 in engines.json. Rebuild it: 'dmpo-edge build {self.bundle.path} --force'")
+        if self.verify_engines and sha256_file(path) != digest:
             raise DmpoEdgeError(f"engine {path}", f"fails its sha256 check. Rebuild it: 'dmpo-edge build {self.bundle.path} --force'")
         with open(path, "rb") as f:
             blob = f.read()
