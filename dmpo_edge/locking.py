@@ -70,8 +70,11 @@ def _holder(fd) -> str:
 
 
 @contextlib.contextmanager
-def writer_lock(target: str, where: str, command: str | None = None):
-    """Hold the exclusive writer lock of ``target`` (a bundle folder or a checkpoint file); refuse if held."""
+def writer_lock(target: str, where: str, command: str | None = None, swaps: bool = True):
+    """Hold the exclusive writer lock of ``target`` (a bundle folder or a checkpoint file); refuse if held.
+
+    ``swaps=False`` for a single file replaced by one ``os.replace`` (model.pt): readers need no swap lock there,
+    so no ``.swap`` file is made beside it."""
     if fcntl is None:
         yield
         return
@@ -94,7 +97,8 @@ def writer_lock(target: str, where: str, command: str | None = None):
     path, swap = lock_paths(target)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        os.close(os.open(swap, os.O_WRONLY | os.O_CREAT, 0o666))
+        if swaps:
+            os.close(os.open(swap, os.O_WRONLY | os.O_CREAT, 0o666))
     except OSError:
         pass
     fd = _open(path, create=True)

@@ -267,7 +267,8 @@ def test_failed_compile_leaves_the_old_bundle(tiny_bundle_factory, tiny_checkpoi
     with pytest.raises(DmpoEdgeError, match=r"has 5 readable image\(s\).*at least 32"):
         compile_bundle(tiny_checkpoint, out, precision="int8", calib=small, force=True, progress=False)
     assert Bundle.load(out).manifest == before
-    assert not [d for d in os.listdir(tmp_path) if d.startswith(".bundle")], "no temp folder left behind"
+    assert not [d for d in os.listdir(tmp_path) if d.startswith(".bundle") and not d.endswith((".lock", ".swap"))], \
+        "no temp folder left behind (the bundle's lock files stay: docs/reliability.md)"
 
 
 @pytest.mark.slow
@@ -313,7 +314,8 @@ def test_int8_budget_enforced_per_exit_and_sensitivity_when_accepted(tiny_bundle
     named = re.findall(r"(int8(?:-cpu)?) exit (\d) (-?\d+\.\d\d)", msg)
     assert named and all(float(p) > budget for _, _, p in named), msg
     assert Bundle.load(out).manifest == before
-    assert not [d for d in os.listdir(tmp_path) if d.startswith(".bundle")], "no temp folder left behind"
+    assert not [d for d in os.listdir(tmp_path) if d.startswith(".bundle") and not d.endswith((".lock", ".swap"))], \
+        "no temp folder left behind (the bundle's lock files stay: docs/reliability.md)"
 
 
 def test_budget_argument_checked(tiny_checkpoint, tmp_path):

@@ -141,7 +141,7 @@ def run(args) -> int:
         if rank0:  # a second tune writing the same model.pt is refused now, not after an hour of training
             from ..locking import writer_lock
 
-            held.enter_context(writer_lock(out, "tune", "tune"))
+            held.enter_context(writer_lock(out, "tune", "tune", swaps=False))
         metrics = tune(
             model, train, val, pre, schedule, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
             weight_decay=args.weight_decay, seed=args.seed, device=args.device, progress=not args.quiet,

@@ -67,7 +67,7 @@ def save_checkpoint(path, model, *, classes, preprocess: dict, loss_schedule: di
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    with writer_lock(path, "checkpoint", "save checkpoint"):
+    with writer_lock(path, "checkpoint", "save checkpoint", swaps=False):
         _write_payload(payload, path, folder)
     return path
 
