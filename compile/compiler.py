@@ -17,6 +17,7 @@ and an existing output is refused unless ``force``.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import os
 import shutil
 import sys
@@ -28,6 +29,7 @@ import numpy as np
 from .._lazy import available, require
 from ..bundle import REGROUP_KEEP_IDX, SCHEMA_VERSION, Bundle, atomic_directory, sha256_file, write_json_atomic
 from ..errors import DmpoEdgeError
+from ..locking import writer_lock
 from ..policies import POLICIES
 from ..preprocess import Preprocess
 from .data import load_compile_data
@@ -41,7 +43,7 @@ from .parity import PARITY_TOL, stage_parity
 from .report import MAX_EXIT_DROP_POINTS, budget_error, loud_warnings, precision_report
 from .stages import FEATURES, FEATURES_IN, split_stages
 
-__all__ = ["compile_bundle", "compile_model", "tool_versions", "PRECISIONS", "stage_flops"]
+__all__ = ["compile_bundle", "compile_model", "check_finite_weights", "tool_versions", "PRECISIONS", "stage_flops"]
 
 PRECISIONS = ("fp32", "fp16", "int8")
 PARITY_IMAGES = 64
@@ -135,14 +137,39 @@ def _stage_inputs(chain_out: list, k: int, x: np.ndarray) -> dict:
     return {FEATURES_IN: feats, "keep_idx": np.arange(feats.shape[0], dtype=np.int32)}
 
 
-def compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", calib: str | None = None, calib_count: int = 256,
+def compile_model(model, meta: dict, out_dir: str, *args, **kwargs) -> Bundle:
+    """Compile an in-memory :class:`EarlyExitModel` with its checkpoint ``meta`` into a bundle at ``out_dir``
+    (options: :func:`_compile_model`). Holds the output's writer lock throughout, so a second ``compile`` or a
+    ``calibrate`` of the same bundle is refused until it is done; a full disk is one clear error."""
+    with writer_lock(out_dir, "compile", "compile"):
+        try:
+            return _compile_model(model, meta, out_dir, *args, **kwargs)
+        except OSError as exc:
+            what = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+            name = f" writing '{exc.filename}'" if exc.filename else ""
+            raise DmpoEdgeError("compile", f"{what}{name}. Nothing was replaced: free space (or fix the folder) "
+                                "and compile again") from None
+
+
+def check_finite_weights(model) -> None:
+    """NaN / Inf weights make every output NaN, and NaN compares false: parity would read 0.0 error. Refuse them."""
+    torch = require("torch", "compiling a model")
+    for name, t in list(model.state_dict().items()):
+        if torch.is_tensor(t) and (t.is_floating_point() or t.is_complex()):
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise DmpoEdgeError("compile", f"weight '{name}' has {bad} NaN/Inf value(s) of {t.numel()}. The "
+                                    "checkpoint is damaged or training diverged; retrain or pick an earlier checkpoint")
+
+
+def _compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", calib: str | None = None, calib_count: int = 256,
                   holdout: str | None = None, max_batch: int = 64, exit_policy: str = "max_softmax", force: bool = False,
                   opset: int = DEFAULT_OPSET, exporter: str = "auto", calib_method: str = "entropy", fp16_tool: str = "auto",
                   int8_tool: str = "auto", cpu_format: str = "auto", parity_tol: float = PARITY_TOL, build: str = "auto",
                   name: str | None = None, source: dict | None = None, progress: bool = True, build_options: dict | None = None,
                   holdout_count: int = 1000, log=None, max_exit_drop: float = MAX_EXIT_DROP_POINTS,
-                  accept_drop: bool = False, sensitivity: bool | None = None) -> Bundle:
-    """Compile an in-memory :class:`EarlyExitModel` with its checkpoint ``meta`` into a bundle at ``out_dir``.
+                   accept_drop: bool = False, sensitivity: bool | None = None) -> Bundle:
+    """The work of :func:`compile_model`, under its writer lock.
 
     ``max_exit_drop``: accuracy points an FP16/INT8 form may lose at any exit (held-out data; the TensorRT form
     judged as TensorRT computes it, the CPU form with this host's kernels); a miss raises :class:`DmpoEdgeError`
@@ -154,6 +181,7 @@ def compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", cali
     _check_args(precision, exit_policy, max_batch, calib_count, out_dir, force, max_exit_drop)
     max_exit_drop = float(max_exit_drop)
     torch = require("torch", "compiling a model")
+    check_finite_weights(model)
     K = int(model.num_stages)
     classes = [str(c) for c in meta.get("classes") or []]
     cfg = dict(meta.get("config") or getattr(model, "config", {}) or {})
