@@ -5,7 +5,7 @@ and calibration count (stage k calibrated on stage k-1's FP32 features of N digi
 TensorRT computes it (ONNX Runtime with Q/DQ simulated in float, never the host's integer kernels) with the later
 stages in FP32. Its cost is the worst accuracy drop over exits k..K-1 against FP32: on digits:val for the choice, on
 digits:test for the report. The chosen setting minimises the sum over stages of the worst val drop (ties: fewer
-images, then the order of --methods); compile's default (``--calib-method``, ``--calib-count``) follows it.
+images, then the order of --methods); the result, and how compile's defaults compare, is in docs/results.md.
 
 Writes ``OUT/int8_ranges.json`` and, with ``--docs``, the section "INT8 activation ranges" of docs/results.md
 (only the text between its markers). Load average is recorded: the figures are accuracy, not time, but the run is

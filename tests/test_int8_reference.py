@@ -126,3 +126,25 @@ def test_warning_only_across_isa_classes():
     assert line.startswith("WARNING cpu form | quantized for avx512_vnni") and "saturate" in line and "\n" not in line
     assert "7-bit" in mismatch_warning(dict(avx2), vnni)
     assert mismatch_warning(None, avx2) is None
+
+
+def test_budget_per_exit_and_form():
+    """The per-exit budget on real arrays: accuracy drop with labels, disagreement without; one error line naming
+    every exit over it and the forms within it."""
+    from dmpo_edge.compile.report import budget_error, precision_report
+
+    y = np.arange(200) % 10
+    ref = [{"prediction": y.copy(), "logits": np.zeros((200, 10)), "confidence": np.ones(200)} for _ in range(2)]
+    worse = [dict(r, prediction=r["prediction"].copy()) for r in ref]
+    worse[1]["prediction"][:2] = (worse[1]["prediction"][:2] + 1) % 10  # exit 1 loses 2 of 200 images: 1 point
+    rep = precision_report(ref, {"int8": ref, "int8-cpu": worse}, y, {"source": "digits:test"},
+                           {"int8": "simulated", "int8-cpu": "host"}, max_exit_drop=0.5)
+    assert rep["misses"] == [{"variant": "int8-cpu", "exit": 1, "points": 1.0}] and not rep["ok"]
+    assert [e["budget_points"] for e in rep["variants"]["int8"]] == [0.0, 0.0]
+    msg = str(budget_error(rep, "int8"))
+    assert msg.startswith("compile | int8 loses more than 0.5 accuracy points at int8-cpu exit 1 1.00 on digits:test "
+                          "(int8 within it at every exit); nothing was written.") and "--accept-drop" in msg
+    assert precision_report(ref, {"int8-cpu": worse}, y, None, max_exit_drop=1.0)["ok"]  # at the budget is within it
+    unlabelled = precision_report(ref, {"int8-cpu": worse}, None, None, max_exit_drop=0.5)
+    assert unlabelled["misses"] == [{"variant": "int8-cpu", "exit": 1, "points": 1.0}]
+    assert "disagreement" in str(budget_error(unlabelled, "int8"))
