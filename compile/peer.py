@@ -111,8 +111,12 @@ def peer_precision(precision: str, fp32_path: str, info: dict, out_dir: str, dat
                                 else 100.0 * float((got["prediction"] != ref["prediction"]).mean()))
         cands[fmt] = c
     ok = [f for f in made if cands[f].get("drop_points", 0.0) <= drop_points]
-    chosen = min(ok, key=lambda f: cands[f]["ms"]) if ok else min(made, key=lambda f: cands[f].get("drop_points", 0.0))
-    rec.update({"cpu_format": chosen, "cpu_candidates": cands, "timing_batch": int(timing["input"].shape[0]) if timing else None})
+    rec.update({"cpu_candidates": cands, "timing_batch": int(timing["input"].shape[0]) if timing else None})
+    if not ok:  # no U8 form keeps the accuracy: the peer runs in FP32 on the CPU, as the stages then do
+        rec["cpu_format"] = "fp32"
+        return {"file": dst, "cpu_file": fp32_path, "record": rec}
+    chosen = min(ok, key=lambda f: cands[f]["ms"])
+    rec["cpu_format"] = chosen
     return {"file": dst, "cpu_file": made[chosen], "record": rec}
 
 
