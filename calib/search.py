@@ -148,8 +148,8 @@ class _Search:
         gg = num_groups + 1
         n_g = np.bincount(g, minlength=gg)
         r_g = np.bincount(g, weights=right_k, minlength=gg)
-        cls = np.zeros((gg, ks - nxt + 1))
-        np.add.at(cls, (g, first), 1.0)
+        nc = ks - nxt + 1
+        cls = np.bincount(g * nc + first, minlength=gg * nc).reshape(gg, nc).astype(np.float64)
         # prefixes (leaving at k) and suffixes (going on) at each option j
         n_leave = np.r_[0, np.cumsum(n_g)][opts]
         r_leave = np.r_[0, np.cumsum(r_g)][opts]
@@ -236,34 +236,46 @@ class _Search:
         vb, gb = _groups(self.conf[b, idx])
         oa = _cut_options(ga, va.size, corr[a, idx])
         ob = _cut_options(gb, vb.size, corr[b, idx])
-        na, nb = va.size + 1, vb.size + 1
         m = idx.size
-        flat = ga * nb + gb
+        # only the cut options matter: pool the samples into bins between consecutive options (bin i of axis a holds
+        # the groups oa[i] <= g < oa[i + 1]), so option i lets bins < i leave
+        ba = np.searchsorted(oa, ga, side="right") - 1
+        bb = np.searchsorted(ob, gb, side="right") - 1
+        na, nb = oa.size, ob.size
+        flat = ba * nb + bb
 
-        def grid(weights):
+        def table(weights):
+            """T[i, q]: weight of the samples in a-bins >= i (still in flight at b) and b-bins < q (leave at b)."""
             h = np.bincount(flat, weights=weights, minlength=na * nb).reshape(na, nb)
-            return h
+            suf = np.cumsum(h[::-1], axis=0)[::-1]
+            return np.hstack([np.zeros((na, 1)), np.cumsum(suf, axis=1)])  # na x (nb + 1); column nb = row total
 
-        h_n, h_b, h_c = grid(None), grid(corr[b, idx].astype(np.float64)), grid(corr[c, idx].astype(np.float64))
-        # suffix over a-groups (rows >= ja still in flight), prefix over b-groups (columns < jb leave at b)
-        def table(h):
-            s = np.cumsum(h[::-1], axis=0)[::-1]
-            s = np.vstack([s, np.zeros((1, nb))])
-            return np.hstack([np.zeros((na + 1, 1)), np.cumsum(s, axis=1)])  # (na + 1) x (nb + 1)
-
-        t_n, t_b, t_c = table(h_n), table(h_b), table(h_c)
-        n_a = np.r_[0, np.cumsum(h_n.sum(axis=1))]
-        r_a = np.r_[0, np.cumsum(np.bincount(ga, weights=corr[a, idx], minlength=na))]
-        rows_per_block = max(1, _BLOCK_CELLS // max(1, ob.size))
-        for s in range(0, oa.size, rows_per_block):
-            if self.cells >= self.max_cells:
-                # rows left: bound them by the best the relaxation allows for this whole prefix
-                self.note_open(*self._rows_bound(idx, a, ga, va.size, oa[s:], base_counts, base_correct))
-                return
-            rows = oa[s : s + rows_per_block]
-            nb_ = t_n[np.ix_(rows, ob)]
-            rb = t_b[np.ix_(rows, ob)]
-            rc = t_c[rows, -1][:, None] - t_c[np.ix_(rows, ob)]
+        t_n, t_b, t_c = table(None), table(corr[b, idx].astype(np.float64)), table(corr[c, idx].astype(np.float64))
+        n_a = np.r_[0, np.cumsum(np.bincount(ba, minlength=na))][:na]
+        r_a = np.r_[0, np.cumsum(np.bincount(ba, weights=corr[a, idx], minlength=na))][:na]
+        cols = np.arange(nb)
+        rows_per_block = max(1, _BLOCK_CELLS // max(1, nb))
+        # rows (options at exit a) best bound first; a row is skipped when its relaxation cannot beat the incumbent
+        ub, lb = self.option_bounds(a, idx, ga, va.size, oa, base_correct, flops_sum(base_counts, self.flops))
+        order = np.lexsort((lb, -ub)) if self.mode == "budget" else np.lexsort((-ub, lb))
+        pos = 0
+        while pos < na:
+            picked = []
+            while pos < na and len(picked) < rows_per_block:
+                r = order[pos]
+                pos += 1
+                if self.hopeless(int(ub[r]), float(lb[r])):
+                    continue
+                if self.cells + (len(picked) + 1) * nb > self.max_cells:
+                    self.note_open(int(ub[r]), float(lb[r]))
+                    continue
+                picked.append(r)
+            if not picked:
+                continue
+            rows = np.asarray(picked, np.int64)
+            nb_ = t_n[rows][:, cols]
+            rb = t_b[rows][:, cols]
+            rc = t_c[rows, -1][:, None] - t_c[rows][:, cols]
             correct = np.rint(base_correct + r_a[rows][:, None] + rb + rc).astype(np.int64)
             cnt_a = n_a[rows].astype(np.float64)[:, None]
             counts = list(base_counts)
@@ -275,15 +287,10 @@ class _Search:
 
             def thr(i, rows=rows):
                 r, q = divmod(int(i), ob.size)
-                ja, jb = int(rows[r]), int(ob[q])
+                ja, jb = int(oa[rows[r]]), int(ob[q])
                 return list(prefix) + [NEVER_EXIT if ja == 0 else float(va[ja - 1]), NEVER_EXIT if jb == 0 else float(vb[jb - 1])]
 
             self._pick(correct.reshape(-1), cost.reshape(-1), thr)
-
-    def _rows_bound(self, idx, a, ga, num_groups, rows, base_counts, base_correct):
-        """Bound over the grid rows (options at exit a) left unexplored: the best of their relaxations."""
-        ub, lb = self.option_bounds(a, idx, ga, num_groups, rows, base_correct, flops_sum(base_counts, self.flops))
-        return int(ub.max()), float(lb.min())
 
     def _pick(self, correct, cost, thresholds_of):
         if self.mode == "budget":
