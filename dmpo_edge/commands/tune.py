@@ -18,8 +18,11 @@ def _floats(text: str) -> list:
 
 def add_arguments(p) -> None:
     d = p.add_argument_group("data")
-    d.add_argument("--data", default="digits", help="image folder (one sub-folder per class), 'digits' or 'digits:train' (default: digits)")
-    d.add_argument("--val", default=None, help="validation data (default: digits:val for digits, else a seeded split of --data)")
+    d.add_argument("--data", default="digits", help="image folder (one sub-folder per class), 'digits', 'fashion-mnist' or "
+                   "'idx:DIR' (MNIST-style IDX files), optionally with ':train'; a bare name means its train split (default: digits)")
+    d.add_argument("--val", default=None, help="validation data (default: the ':val' split of a named set, else a seeded split of --data)")
+    d.add_argument("--train-count", type=int, default=None, metavar="N",
+                   help="tune on a stratified, seeded subset of N training images (default: all of them)")
     d.add_argument("--val-fraction", type=float, default=0.2, help="validation share of a folder (default 0.2)")
     m = p.add_argument_group("model")
     m.add_argument("--backbone", default="efficientnet_lite0", help="efficientnet_lite0 | vit_tiny | vit_small | vit_base | vit (custom: --embed-dim, --depth, --num-heads) (default efficientnet_lite0)")
@@ -69,14 +72,14 @@ def format_exit_table(config: dict, metrics: dict) -> str:
 
 
 def _datasets(args):
-    from ..calib.datasets import load_dataset
+    from ..calib.datasets import is_named_dataset, load_dataset, named_split
     from ..errors import DmpoEdgeError
 
     spec = str(args.data)
-    is_digits = (spec == "digits" or spec.startswith("digits:")) and not os.path.exists(spec)
-    if is_digits:
-        train = load_dataset("digits:train" if spec == "digits" else spec)
-        val = load_dataset(args.val or "digits:val")
+    if is_named_dataset(spec):
+        name, split = named_split(spec)
+        train = load_dataset(f"{name}:train" if split is None else spec)
+        val = load_dataset(args.val or f"{name}:val")
     else:
         full = load_dataset(spec)
         if args.val:
@@ -92,6 +95,8 @@ def _datasets(args):
         raise DmpoEdgeError("tune", f"validation classes {val.classes} differ from training classes {train.classes}")
     if train.labels is None or len(set(train.labels.tolist())) < 2:
         raise DmpoEdgeError("tune", "training data needs at least 2 classes with images")
+    if args.train_count is not None:
+        train = train.stratified_take(args.train_count, seed=args.seed, where="tune --train-count")
     return train, val
 
 
