@@ -20,12 +20,12 @@ def add_arguments(p) -> None:
     prec.add_argument("--int8", dest="precision", action="store_const", const="int8",
                       help="INT8 with explicit Q/DQ calibrated on --calib")
     prec.add_argument("--precision", dest="precision", choices=("fp32", "fp16", "int8"), help="default fp32")
-    p.add_argument("--calib", metavar="DATA", help="calibration images: a folder (flat or class sub-folders) or digits:train")
+    p.add_argument("--calib", metavar="DATA", help="calibration images: a folder (flat or class sub-folders), digits:train, fashion-mnist:train or idx:DIR:train")
     p.add_argument("--calib-count", type=int, default=256, metavar="N", help="calibration images to use (default 256)")
     p.add_argument("--calib-method", default="entropy", choices=("entropy", "max", "percentile"),
                    help="INT8 activation range method (default entropy)")
     p.add_argument("--holdout", metavar="DATA", help="labelled held-out data for parity and the accuracy report "
-                   "(default: digits:test for digits calibration, else unused calibration images)")
+                   "(default: the :test split for digits, fashion-mnist and idx:DIR calibration, else unused calibration images)")
     p.add_argument("--holdout-count", type=int, default=1000, metavar="N", help="held-out images to use (default 1000)")
     p.add_argument("--exit-policy", default="max_softmax", choices=("max_softmax", "entropy", "margin"),
                    help="exit score computed in the graphs (default max_softmax)")

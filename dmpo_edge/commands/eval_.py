@@ -13,7 +13,7 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(p) -> None:
     p.add_argument("bundle", metavar="BUNDLE", help="bundle folder written by 'dmpo-edge compile'")
     p.add_argument("--data", required=True, metavar="DATA",
-                   help="labelled test data: a folder with one sub-folder per class, or digits:test")
+                   help="labelled test data: a folder with one sub-folder per class, digits:test, fashion-mnist:test or idx:DIR:test")
     p.add_argument("--json", metavar="OUT", help="write the evaluation report (JSON) to OUT")
     p.add_argument("--plot", metavar="OUT.png", help="write the accuracy-versus-FLOPs plot (PNG) to OUT.png")
     p.add_argument("--batch-size", type=int, default=64, help="stage batch size (default 64)")
