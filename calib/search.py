@@ -242,18 +242,12 @@ class _Search:
         ba = np.searchsorted(oa, ga, side="right") - 1
         bb = np.searchsorted(ob, gb, side="right") - 1
         na, nb = oa.size, ob.size
-        flat = ba * nb + bb
-
-        def table(weights):
-            """T[i, q]: weight of the samples in a-bins >= i (still in flight at b) and b-bins < q (leave at b)."""
-            h = np.bincount(flat, weights=weights, minlength=na * nb).reshape(na, nb)
-            suf = np.cumsum(h[::-1], axis=0)[::-1]
-            return np.hstack([np.zeros((na, 1)), np.cumsum(suf, axis=1)])  # na x (nb + 1); column nb = row total
-
-        t_n, t_b, t_c = table(None), table(corr[b, idx].astype(np.float64)), table(corr[c, idx].astype(np.float64))
         n_a = np.r_[0, np.cumsum(np.bincount(ba, minlength=na))][:na]
         r_a = np.r_[0, np.cumsum(np.bincount(ba, weights=corr[a, idx], minlength=na))][:na]
-        cols = np.arange(nb)
+        # samples by a-bin, deepest first: the samples still in flight at b under row i are a prefix of this order
+        by_a = np.argsort(-ba, kind="stable")
+        ba_s, bb_s = ba[by_a], bb[by_a]
+        w_b, w_c = corr[b, idx[by_a]].astype(np.float64), corr[c, idx[by_a]].astype(np.float64)
         rows_per_block = max(1, _BLOCK_CELLS // max(1, nb))
         # rows (options at exit a) best bound first; a row is skipped when its relaxation cannot beat the incumbent
         ub, lb = self.option_bounds(a, idx, ga, va.size, oa, base_correct, flops_sum(base_counts, self.flops))
@@ -272,15 +266,25 @@ class _Search:
                 picked.append(r)
             if not picked:
                 continue
-            rows = np.asarray(picked, np.int64)
-            nb_ = t_n[rows][:, cols]
-            rb = t_b[rows][:, cols]
-            rc = t_c[rows, -1][:, None] - t_c[rows][:, cols]
-            correct = np.rint(base_correct + r_a[rows][:, None] + rb + rc).astype(np.int64)
-            cnt_a = n_a[rows].astype(np.float64)[:, None]
+            rows = np.sort(np.asarray(picked, np.int64))[::-1]  # deepest row first: each row's set grows from the last
+            # only the picked rows' tables, O(samples + rows x b-bins): sample p joins at the first row whose prefix holds it
+            reach = np.searchsorted(-ba_s, -rows, side="right")  # in-flight count per row, increasing
+            seg = np.searchsorted(reach, np.arange(m), side="right")
+            keep = seg < rows.size
+            flat = seg[keep] * nb + bb_s[keep]
+
+            def table(weights):
+                """T[j, q]: weight of the samples of a-bins >= rows[j] (in flight at b) in b-bins < q (leave at b)."""
+                h = np.bincount(flat, weights=None if weights is None else weights[keep], minlength=rows.size * nb)
+                h = np.cumsum(np.cumsum(h.reshape(rows.size, nb), axis=0), axis=1)
+                return np.hstack([np.zeros((rows.size, 1)), h])  # rows x (nb + 1); column nb = row total
+
+            nb_, tb, tc = table(None), table(w_b), table(w_c)
+            rc = tc[:, -1:] - tc[:, :nb]
+            correct = np.rint(base_correct + r_a[rows][:, None] + tb[:, :nb] + rc).astype(np.int64)
             counts = list(base_counts)
-            counts[a] = np.broadcast_to(cnt_a, nb_.shape).copy()
-            counts[b] = np.rint(nb_)
+            counts[a] = np.broadcast_to(n_a[rows].astype(np.float64)[:, None], (rows.size, nb)).copy()
+            counts[b] = np.rint(nb_[:, :nb])
             counts[c] = m - counts[a] - counts[b]
             cost = flops_sum(counts, self.flops)
             self.cells += correct.size
