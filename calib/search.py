@@ -36,8 +36,8 @@ from ..policies import NEVER_EXIT
 
 __all__ = ["flops_sum", "SearchResult", "exact_search", "DEFAULT_MAX_CELLS"]
 
-# Grid cells (threshold pairs of the last two early exits) the search may evaluate: about 10-20 s on one core.
-DEFAULT_MAX_CELLS = 400_000_000
+# Grid cells (threshold pairs of the last two early exits) the search may evaluate: about 20-40 s on one free core.
+DEFAULT_MAX_CELLS = 200_000_000
 # Rows of a leaf grid evaluated at once (bounds memory: ~ rows x groups x 8 bytes per array).
 _BLOCK_CELLS = 2_000_000
 # Relative slack for float comparisons inside bounds (bounds must never cut a true candidate).

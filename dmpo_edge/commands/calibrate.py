@@ -119,7 +119,10 @@ def run(args) -> int:
     print("thresholds: " + format_thresholds(rec["values"]))
     print_point("validation", report["chosen"])
     if rec.get("search") == "heuristic":
-        print(f"search: stopped at its work limit (heuristic); the optimum is within {rec.get('gap', float('nan')):.4g} of this point")
+        gap = rec.get("gap", float("nan"))
+        within = (f"{100 * gap:.2f} accuracy points" if rec["method"] == "budget"
+                  else f"{gap / 1e6:.4g} MFLOPs per sample")
+        print(f"search: stopped at its work limit (heuristic, not proven optimal); the optimum is at most {within} better")
     risk = rec.get("risk")
     if risk:
         print_risk(risk)
