@@ -19,8 +19,9 @@ Learn then Test (Angelopoulos, Bates, Candes, Jordan, Lei, 2021):
   of the policy's [0, 1] range, all samples tested; ``path="split"``: a seeded part of the split
   (``path_fraction``) fits the budgeted-batch sweep, whose points, most expensive first, are tested on the rest.
 
-The printed bound is the one-sided Clopper-Pearson upper confidence bound on ``R`` at the chosen point; it is
-<= ``max_drop`` whenever a point other than the full model was certified.
+The printed bound is the one-sided Clopper-Pearson upper confidence bound on ``R`` at the chosen point (a
+pointwise figure: it is <= ``max_drop`` exactly when that point's test passed). The guarantee itself is the
+target: every certified point, the chosen one included, has ``R <= max_drop`` with the stated probability.
 """
 
 from __future__ import annotations
