@@ -38,7 +38,7 @@ BEGIN, END = "<!-- risk-coverage:begin -->", "<!-- risk-coverage:end -->"
 MAX_DROP, CONFIDENCE = 0.01, 0.9
 
 
-def load(uptime_note=True) -> str:
+def load() -> str:
     return "load %.1f %.1f %.1f" % os.getloadavg()
 
 
@@ -185,21 +185,31 @@ def markdown(results: list, example: dict | None, seconds: float, loadavg: str) 
             L.append(f"| {r['name']} ({r['pool']}, {r['val']} / {r['test']}) | {m} | {s['held']}/{s['splits']} "
                      f"({pct(s['held_fraction'])}) | {ci} | {100 * s['drop_mean']:.2f} pts | {100 * s['drop_p90']:.2f} pts | "
                      f"{pct(s['cost_mean'])} | {s['full_only']} |")
-    L += ["", "Exit accuracy on each pool (cost share of the full pipeline): " + "; ".join(
-        f"{r['name']}: " + ", ".join(f"{pct(a)} @ {pct(c, 0)}" for a, c in zip(r["exit_accuracy_pool"], r["cost_per_exit"]))
-        for r in results) + ".", ""]
+    pools = {r["name"]: r for r in results}
+    L += ["", "Models: digits, `dmpo-edge tune --data digits:train` with the defaults (8 epochs); Fashion-MNIST, the DMPO "
+          "seed-0 checkpoint of `benchmarks/fashion_mnist.py` (800 training images, 4 epochs, 32 px input), a weak model "
+          "whose early exits are about as accurate as its final exit. Exit accuracy on each pool (cost share of the full "
+          "pipeline): " + "; ".join(
+              f"{name}: " + ", ".join(f"{pct(a)} @ {pct(c, 0)}" for a, c in zip(r["exit_accuracy_pool"], r["cost_per_exit"]))
+              for name, r in pools.items()) + ".", ""]
     verdict = []
     for r in results:
         s = r["summary"]
-        for m in ("risk shared", "risk split"):
-            if m in s:
-                ok = "holds" if s[m]["held_fraction"] >= CONFIDENCE else "does NOT hold"
-                verdict.append(f"{r['name']} {m}: {pct(s[m]['held_fraction'])} ({ok} at the promised 90%)")
-        if "plain" in s:
-            verdict.append(f"{r['name']} plain: {pct(s['plain']['held_fraction'])}")
-    L += ["**What the data shows.** " + "; ".join(verdict) + ". The price of the guarantee is compute: compare the mean "
-          "test cost of the plain and risk-controlled rows; small validation splits can certify little (then every "
-          "sample runs the full model, the `full model only` column).", "", END]
+        held = ", ".join(f"{m} {pct(s[m]['held_fraction'])}" for m in ("plain", "risk shared", "risk split") if m in s)
+        ok = all(s[m]["held_fraction"] >= CONFIDENCE for m in ("risk shared", "risk split") if m in s)
+        verdict.append(f"{r['name']} with {r['val']} validation images: {held} "
+                       f"({'the promised 90% holds' if ok else 'the promised 90% does NOT hold'} for the risk-controlled rows)")
+    L += ["**What the data shows.** " + "; ".join(verdict) + ". The plain solver breaks its 1-point promise on about half "
+          "(digits) to two thirds (Fashion-MNIST) of the splits. The risk-controlled rows keep it more often than promised "
+          "because the guarantee is conservative: its loss counts the samples the early exit gets wrong and the final exit "
+          "right but not the reverse, and on these models the early exits are about as accurate as the final one, so the "
+          "realised drops are mostly negative. The price is compute: on Fashion-MNIST the mean test cost goes from about "
+          "34% of the full pipeline (plain) to about 70% (shared path) and 75-82% (split path); on digits from 31% to 38%. "
+          "The split path tests only half the samples: with digits' 180 it cannot certify 1% at 90% (even zero losses "
+          "give p = 0.99^180 = 0.16), so every sample runs the full model; `shared` is the default for that reason. "
+          "The digits example above does not reproduce the original 3-point drop: with this model and the current "
+          "splits the plain thresholds gain 0.8 points on digits:test (its early exits beat its final exit there); "
+          "the random splits show how often that luck runs out.", "", END]
     return "\n".join(L) + "\n"
 
 
@@ -224,8 +234,15 @@ def main(argv=None) -> int:
     ap.add_argument("--fashion-val", type=int, nargs="+", default=[1000, 4000], help="validation sizes (default 1000 4000)")
     ap.add_argument("--out", default="out/risk")
     ap.add_argument("--docs", default="docs")
+    ap.add_argument("--render-only", action="store_true", help="rewrite the docs section from OUT/risk_coverage.json")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    if args.render_only:
+        with open(os.path.join(args.out, "risk_coverage.json")) as f:
+            saved = json.load(f)
+        update_results_md(os.path.join(args.docs, "results.md"),
+                          markdown(saved["results"], saved["example"], saved["seconds"], saved["load"]))
+        return 0
     t0 = time.time()
     loads = [os.getloadavg()[0]]
     results, example = [], None
