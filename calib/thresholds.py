@@ -1,6 +1,7 @@
-"""Exit thresholds from per-stage confidences: budgeted batch (MSDNet), a budget solver, an accuracy solver.
+"""Exit thresholds from per-stage confidences: budgeted batch (MSDNet) and the exact budget and accuracy solvers.
 
-Pure numpy. Everything works on three arrays measured on a labelled held-out split with the *deployed*
+Pure numpy (the exact search lives in :mod:`dmpo_edge.calib.search`, the risk-controlled variant in
+:mod:`dmpo_edge.calib.risk`). Everything works on three arrays measured on a labelled held-out split with the *deployed*
 stages (see :mod:`dmpo_edge.calib.evaluate`):
 
 - ``confidence`` (K x N): the exit score of every stage for every sample (all stages run, no exits);
@@ -381,11 +382,10 @@ def solve_budget(confidence, correct, cumulative_flops, budget: float, sweep_poi
 
 
 def solve_max_drop(confidence, correct, cumulative_flops, max_drop: float, sweep_points=None,
-                   max_cells: int = DEFAULT_MAX_CELLS, need: int | None = None) -> OperatingPoint:
+                   max_cells: int = DEFAULT_MAX_CELLS) -> OperatingPoint:
     """The cheapest thresholds on this split whose accuracy is at least the last exit's minus ``max_drop`` (a fraction).
 
-    Exact like :func:`solve_budget` (ties in cost go to the more accurate point). ``need`` overrides the required
-    number of right answers (the risk-controlled calibration passes its own). The drop holds on *this* split;
+    Exact like :func:`solve_budget` (ties in cost go to the more accurate point). The drop holds on *this* split;
     on new data it can be larger; :mod:`dmpo_edge.calib.risk` gives a guarantee with a stated confidence.
     """
     conf, corr, flops = check_calibration_arrays(confidence, correct, cumulative_flops)
@@ -393,8 +393,7 @@ def solve_max_drop(confidence, correct, cumulative_flops, max_drop: float, sweep
         raise DmpoEdgeError("max drop", f"max drop {max_drop!r} must be an accuracy fraction in [0, 1), e.g. 0.01 for 1 point")
     n = conf.shape[1]
     final_correct = int(corr[-1].sum())
-    if need is None:
-        need = math.ceil(final_correct - max_drop * n - 1e-9)
+    need = math.ceil(final_correct - max_drop * n - 1e-9)
     if sweep_points is None:
         sweep_points = budgeted_batch_sweep(conf, corr, flops, check=False)
 
