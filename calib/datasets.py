@@ -1,8 +1,19 @@
-"""Labelled image sets: an image folder (one sub-folder per class) or the bundled ``digits`` set.
+"""Labelled image sets: an image folder (one sub-folder per class), the bundled ``digits`` set, Fashion-MNIST
+or any folder of MNIST-style IDX files.
 
-A dataset spec is a folder path, ``digits`` (all 1,797 images) or ``digits:<split>`` with split one of
-``train``, ``val``, ``test`` (a fixed, stratified 60/20/20 split, the same in every command, so that
-a model tuned on ``digits:train`` is calibrated on ``digits:val`` and evaluated on ``digits:test``).
+A dataset spec is one of
+
+* a folder path (one sub-folder of images per class);
+* ``digits`` (all 1,797 images) or ``digits:<split>`` with split one of ``train``, ``val``, ``test`` (a fixed,
+  stratified 60/20/20 split, the same in every command, so that a model tuned on ``digits:train`` is
+  calibrated on ``digits:val`` and evaluated on ``digits:test``);
+* ``fashion-mnist`` (all 70,000 images) or ``fashion-mnist:<split>``: ``train`` is the official training set
+  less ``val``, a fixed stratified 10% of it (6,000 images), and ``test`` the official 10,000-image test set,
+  which tuning and calibration never see. The files come from Debian's ``dataset-fashion-mnist`` package
+  (``/usr/share/datasets/fashion-mnist``) or the folder named by ``$DMPO_EDGE_FASHION_MNIST``;
+* ``idx:DIR`` or ``idx:DIR:<split>``: the same for any folder of IDX files (MNIST, KMNIST, ...); class names
+  come from ``DIR/classes.txt`` (one per line) when present, else ``0..max label``.
+
 Images are returned decoded as H x W x 3 uint8; preprocessing is :class:`dmpo_edge.preprocess.Preprocess`.
 """
 
@@ -22,7 +33,7 @@ from ..images import IMAGE_EXTENSIONS, list_images, load_image
 
 __all__ = [
     "Dataset", "load_dataset", "load_image", "list_images", "IMAGE_EXTENSIONS", "SPLITS", "split_indices",
-    "write_image_folder",
+    "write_image_folder", "is_named_dataset", "named_split",
 ]
 
 SPLITS = {"train": 0.6, "val": 0.2, "test": 0.2}
@@ -50,6 +61,35 @@ class Dataset:
             return self
         rng = np.random.default_rng(seed)
         return self.subset(np.sort(rng.choice(len(self), n, replace=False)))
+
+    def stratified_take(self, n: int, seed: int = 0, where: str = "dataset") -> "Dataset":
+        """``n`` images drawn per class in proportion to the class sizes (seeded); every class keeps at least one
+        image when ``n`` allows. Asking for more images than the set holds is an error, not a silent 'all'."""
+        if self.labels is None:
+            raise DmpoEdgeError(where, f"{self.source} has no labels, so no stratified subset can be drawn")
+        if n < 1 or n > len(self):
+            raise DmpoEdgeError(where, f"asked for {n} images but {self.source} holds {len(self)}. "
+                                f"Expected a count from 1 to {len(self)}")
+        if n == len(self):
+            return self
+        rng = np.random.default_rng(seed)
+        classes, counts = np.unique(self.labels, return_counts=True)
+        # largest-remainder apportionment: exact total n, shares as close to the class frequencies as integers allow
+        share = counts * (n / len(self))
+        take = np.floor(share).astype(int)
+        if n >= len(classes):
+            take = np.maximum(take, 1)
+        floor_min = 1 if n >= len(classes) else 0
+        order = np.argsort(-(share - np.floor(share)), kind="stable")
+        while take.sum() != n:  # terminates: floor_min * classes <= n <= sum(counts)
+            step = 1 if take.sum() < n else -1
+            for i in (order if step > 0 else order[::-1]):
+                if take.sum() != n and floor_min <= take[i] + step <= counts[i]:
+                    take[i] += step
+        picked = [rng.choice(np.flatnonzero(self.labels == c), k, replace=False) for c, k in zip(classes, take) if k]
+        out = self.subset(np.sort(np.concatenate(picked)))
+        out.source = f"{self.source} ({n} stratified, seed {seed})"
+        return out
 
     def fingerprint(self) -> str:
         """sha256 over the decoded pixels and labels: recorded as the calibration set's identity."""
@@ -128,14 +168,44 @@ def _folder(root: str, labelled: bool) -> Dataset:
 
 
 def load_dataset(spec: str, labelled: bool = True) -> Dataset:
-    """Load ``digits``, ``digits:<split>`` or an image folder (class sub-folders; unlabelled if ``labelled=False``)."""
+    """Load a dataset spec (see the module doc); a folder without class sub-folders is unlabelled if ``labelled=False``."""
     if spec is None or str(spec).strip() == "":
-        raise DmpoEdgeError("dataset", "no data given. Expected a folder path, 'digits' or 'digits:train|val|test'")
+        raise DmpoEdgeError("dataset", "no data given. Expected a folder path, 'digits', 'fashion-mnist' or "
+                            "'idx:DIR', optionally with ':train|val|test'")
     spec = str(spec)
-    if spec == "digits" or spec.startswith("digits:"):
-        if not os.path.exists(spec):
-            return _digits(spec.split(":", 1)[1] if ":" in spec else None)
+    if is_named_dataset(spec):
+        name, split = named_split(spec)
+        if split is not None and split not in SPLITS:
+            raise DmpoEdgeError("dataset", f"unknown split '{split}' in '{spec}'. Expected one of {', '.join(SPLITS)}")
+        if name == "digits":
+            return _digits(split)
+        from .idx_sets import load_fashion_mnist, load_idx_folder
+
+        if name == "fashion-mnist":
+            return load_fashion_mnist(split)
+        return load_idx_folder(name[len("idx:"):], split)
     return _folder(spec, labelled)
+
+
+def is_named_dataset(spec) -> bool:
+    """True for ``digits``/``fashion-mnist``/``idx:DIR`` specs (with or without a split); an existing folder
+    of that exact name wins, so a user's folder called ``digits`` still loads as a folder."""
+    spec = str(spec)
+    if os.path.exists(spec):
+        return False
+    return spec.startswith("idx:") or named_split(spec)[0] in ("digits", "fashion-mnist")
+
+
+def named_split(spec) -> tuple:
+    """``(name, split or None)`` of a spec: ``fashion-mnist:val`` -> (``fashion-mnist``, ``val``),
+    ``idx:/data/kmnist:test`` -> (``idx:/data/kmnist``, ``test``), ``digits`` -> (``digits``, None)."""
+    spec = str(spec)
+    head, sep, tail = spec.rpartition(":")
+    if sep and tail in SPLITS and head not in ("", "idx"):
+        return head, tail
+    if sep and head in ("digits", "fashion-mnist"):
+        return head, tail  # an unknown split: load_dataset says which ones exist
+    return spec, None
 
 
 def write_image_folder(ds: Dataset, root: str) -> str:

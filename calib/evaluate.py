@@ -320,16 +320,18 @@ def calibrate(bundle, dataset=None, *, write: bool = True, **kw) -> dict:
 
 
 def _calibrate(bundle, dataset=None, *, budget: float | None = None, max_drop: float | None = None, sweep_only: bool = False,
-               pick_budget: float | None = None, outputs: StageOutputs | None = None, write: bool = True,
-               plot: bool = True, latency_budget_ms: float | None = None, latency_batch: int | None = None,
-               cost_axis: str = "flops", **kw) -> dict:
+               pick_budget: float | None = None, confidence: float | None = None, risk_path: str = "shared",
+               outputs: StageOutputs | None = None, write: bool = True, plot: bool = True,
+               latency_budget_ms: float | None = None, latency_batch: int | None = None, cost_axis: str = "flops",
+               **kw) -> dict:
     """Choose exit thresholds on a labelled held-out split and (``write=True``) record them in the bundle.
 
-    Exactly one of ``budget`` (best accuracy with expected cost <= budget), ``max_drop`` (cheapest within
-    ``max_drop`` of the last exit's accuracy), ``latency_budget_ms`` (best accuracy with expected time per
-    sample <= that many ms, from this machine's ``reports/latency.json`` at ``latency_batch``) or
-    ``sweep_only`` (a budgeted-batch sweep point: the best one under ``pick_budget``, or without it the
-    cheapest one with the sweep's best accuracy).
+    Exactly one of ``budget`` (the most accurate thresholds on the split with expected cost <= budget),
+    ``max_drop`` (the cheapest on the split within ``max_drop`` of the last exit's accuracy) or ``sweep_only``
+    (a budgeted-batch sweep point: the best one under ``pick_budget``, or without it the cheapest one with the
+    sweep's best accuracy), or ``latency_budget_ms`` (best accuracy with expected time per sample <= that many ms,
+    from this machine's ``reports/latency.json`` at ``latency_batch``). Both solvers are exact on the split. With ``confidence`` (only with ``max_drop``)
+    the drop is promised on new data with that probability instead (:mod:`dmpo_edge.calib.risk`).
     Writes ``reports/calibration.json`` and ``reports/calibration.png`` atomically, then the manifest's
     ``thresholds`` (one atomic rename each; stage files are untouched). Returns the report.
     """
@@ -343,6 +345,8 @@ def _calibrate(bundle, dataset=None, *, budget: float | None = None, max_drop: f
         raise DmpoEdgeError("calibration", f"latency budget {latency_budget_ms!r} is out of range. Expected milliseconds > 0")
     if pick_budget is not None and not sweep_only:
         raise DmpoEdgeError("calibration", "--pick-budget goes with --sweep (with --budget the solver already meets the budget)")
+    if confidence is not None and max_drop is None:
+        raise DmpoEdgeError("calibration", "--confidence goes with --max-drop (it bounds the accuracy drop on new data)")
     _check_target("budget", budget, 0.0, 1.0)
     _check_target("pick budget", pick_budget, 0.0, 1.0)
     if max_drop is not None and (isinstance(max_drop, bool) or not isinstance(max_drop, (int, float))
@@ -358,6 +362,11 @@ def _calibrate(bundle, dataset=None, *, budget: float | None = None, max_drop: f
     if budget is not None:
         point = th.solve_budget(conf, corr, flops, float(budget), sweep_points=points)
         method, target = "budget", float(budget)
+    elif max_drop is not None and confidence is not None:
+        from .risk import risk_controlled_max_drop
+
+        point = risk_controlled_max_drop(conf, corr, flops, float(max_drop), confidence, path=risk_path)
+        method, target = "max_drop_risk", float(max_drop)
     elif max_drop is not None:
         point = th.solve_max_drop(conf, corr, flops, float(max_drop), sweep_points=points)
         method, target = "max_drop", float(max_drop)
@@ -370,6 +379,10 @@ def _calibrate(bundle, dataset=None, *, budget: float | None = None, max_drop: f
         point, target = _pick_from_sweep(points, pick_budget)
         method = "budgeted_batch"
     record = calibration_record(point, method, target, out.policy, out.data, float(flops[-1]))
+    # provenance: what the search proved (exact or the gap to its bound) and, risk-controlled, the guarantee
+    for key in ("search", "gap", "risk"):
+        if key in point.meta:
+            record[key] = point.meta[key]
     report = {
         "bundle": b.path,
         "precision": b.precision,

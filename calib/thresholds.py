@@ -1,6 +1,7 @@
-"""Exit thresholds from per-stage confidences: budgeted batch (MSDNet), a budget solver, an accuracy solver.
+"""Exit thresholds from per-stage confidences: budgeted batch (MSDNet) and the exact budget and accuracy solvers.
 
-Pure numpy. Everything works on three arrays measured on a labelled held-out split with the *deployed*
+Pure numpy (the exact search lives in :mod:`dmpo_edge.calib.search`, the risk-controlled variant in
+:mod:`dmpo_edge.calib.risk`). Everything works on three arrays measured on a labelled held-out split with the *deployed*
 stages (see :mod:`dmpo_edge.calib.evaluate`):
 
 - ``confidence`` (K x N): the exit score of every stage for every sample (all stages run, no exits);
@@ -24,6 +25,7 @@ import numpy as np
 from ..errors import DmpoEdgeError
 from ..policies import NEVER_EXIT
 from ..runtime.bench_stats import first_exits
+from .search import DEFAULT_MAX_CELLS, exact_search, flops_sum
 
 __all__ = [
     "NEVER_EXIT", "SWEEP_P", "MIN_SAMPLES_PER_EXIT", "OperatingPoint", "assign_exits", "evaluate_thresholds",
@@ -129,7 +131,8 @@ def _point(exit_stage, correct, flops, thresholds, meta=None) -> OperatingPoint:
     k, n = correct.shape
     counts = np.bincount(exit_stage, minlength=k).astype(np.int64)
     right = np.bincount(exit_stage, weights=correct[exit_stage, np.arange(n)], minlength=k).astype(np.int64)
-    expected_flops = float(counts @ flops) / n
+    # summed exit by exit like the exact search does, so a budget it meets is met here bit for bit
+    expected_flops = flops_sum([int(c) for c in counts], flops) / n
     return OperatingPoint(
         thresholds=np.asarray(thresholds, np.float64).copy(), exit_counts=counts, correct_counts=right,
         num_samples=n, expected_flops=expected_flops, expected_cost=expected_flops / float(flops[-1]), meta=dict(meta or {}),
@@ -229,9 +232,8 @@ def minimum_cost(cumulative_flops, num_samples: int | None = None) -> float:
     flops = np.asarray(cumulative_flops, dtype=np.float64)
     if num_samples is None:
         return float(flops[0]) / float(flops[-1])
-    counts = np.zeros(flops.shape, np.int64)
-    counts[0] = num_samples
-    return (float(counts @ flops) / num_samples) / float(flops[-1])
+    counts = [num_samples] + [0] * (flops.size - 1)
+    return (flops_sum(counts, flops) / num_samples) / float(flops[-1])
 
 
 def _exit_order(conf_k: np.ndarray, idx: np.ndarray):
@@ -310,13 +312,43 @@ def _starts(conf, corr, flops, sweep_points):
     return [first, last] + [p.thresholds for p in sweep_points]
 
 
-def solve_budget(confidence, correct, cumulative_flops, budget: float, sweep_points=None) -> OperatingPoint:
-    """Best validation accuracy with expected cost <= ``budget`` (fraction of ``cumulative_flops[-1]``).
+def _start_points(conf, corr, flops, sweep_points, feasible, key):
+    """Known-good threshold vectors for the exact search to prune with: the sweep, the extremes, and one
+    coordinate descent from the best of them."""
+    starts = _starts(conf, corr, flops, sweep_points)
+    n = conf.shape[1]
 
-    Candidates: the budgeted-batch sweep points, then coordinate descent from each of them (and from
-    "all leave at exit 0" / "all run to the end") over per-exit thresholds taken from the observed
-    confidences. Every returned point is re-evaluated and its expected cost on this split is <= ``budget``.
-    Ties in accuracy go to the cheaper point.
+    def score(t):
+        ex = assign_exits(conf, t)
+        nc, cost = np.array([corr[ex, np.arange(n)].sum()]), np.array([flops[ex].sum()])
+        return (bool(feasible(nc, cost)[0]),) + tuple(float(v[0]) for v in key(nc, cost))
+
+    best = max(starts, key=score)
+    return starts + [_descend(conf, corr, flops, best, feasible, key)]
+
+
+def _search_meta(res, n: int, mode: str) -> dict:
+    """What the search proved: ``optimal`` and, when it stopped early, the gap to the bound."""
+    meta = {"search": "exact" if res.optimal else "heuristic", "optimal": bool(res.optimal),
+            "search_cells": int(res.cells)}
+    if mode == "budget":
+        meta["accuracy_bound"] = float(res.bound) / n
+        meta["gap"] = (float(res.bound) - res.correct) / n  # accuracy points any point could still gain
+    else:
+        meta["cost_sum_bound"] = float(res.bound)
+        meta["gap"] = float(res.cost_sum - res.bound) / n  # FLOPs per sample any point could still save
+    return meta
+
+
+def solve_budget(confidence, correct, cumulative_flops, budget: float, sweep_points=None,
+                 max_cells: int = DEFAULT_MAX_CELLS) -> OperatingPoint:
+    """The most accurate thresholds on this split with expected cost <= ``budget`` (fraction of ``cumulative_flops[-1]``).
+
+    Exact: a branch-and-bound search over the observed confidences (:mod:`dmpo_edge.calib.search`) returns the
+    true optimum on the split (ties in accuracy go to the cheaper point). Should the search reach ``max_cells``
+    grid evaluations (far beyond the models' 3-5 exits and a few thousand samples), it returns the best point
+    found with ``meta["search"] == "heuristic"`` and the accuracy gap to the bound in ``meta["gap"]``.
+    The returned point is re-evaluated; its expected cost on this split is <= ``budget``.
     """
     conf, corr, flops = check_calibration_arrays(confidence, correct, cumulative_flops)
     if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
@@ -334,28 +366,28 @@ def solve_budget(confidence, correct, cumulative_flops, budget: float, sweep_poi
         sweep_points = budgeted_batch_sweep(conf, corr, flops, check=False)
 
     def feasible(nc, cost):
-        # same formula as evaluate_thresholds; FLOP sums summed in another order may differ in the last bit, so the
-        # search allows 1e-12 and the final pick below re-checks every candidate exactly
+        # FLOP sums summed in another order may differ in the last bit; the exact search re-checks every candidate
         return (np.asarray(cost) / n) / full <= budget * (1.0 + 1e-12)
 
     def key(nc, cost):
         return np.asarray(nc, np.float64), -np.asarray(cost, np.float64)
 
-    candidates = []
-    for t0 in _starts(conf, corr, flops, sweep_points):
-        candidates.append(evaluate_thresholds(conf, corr, flops, t0))
-        t = _descend(conf, corr, flops, t0, feasible, key)
-        candidates.append(evaluate_thresholds(conf, corr, flops, t))
-    ok = [p for p in candidates if p.expected_cost <= budget]
-    if not ok:  # cannot happen once budget >= minimum cost (exit 0 for all is feasible), kept as a guard
+    starts = _start_points(conf, corr, flops, sweep_points, feasible, key)
+    res = exact_search(conf, corr, flops, "budget", limit=float(budget), incumbents=starts, max_cells=max_cells)
+    best = evaluate_thresholds(conf, corr, flops, res.thresholds)
+    if not best.expected_cost <= budget:  # cannot happen: exit 0 for all is feasible once budget >= minimum cost
         raise DmpoEdgeError("budget", f"no thresholds meet the budget {budget:.4g} on this split")
-    best = max(ok, key=lambda p: (int(p.correct_counts.sum()), -p.expected_cost))
-    best.meta.update({"method": "budget", "target": float(budget)})
+    best.meta.update({"method": "budget", "target": float(budget), **_search_meta(res, n, "budget")})
     return best
 
 
-def solve_max_drop(confidence, correct, cumulative_flops, max_drop: float, sweep_points=None) -> OperatingPoint:
-    """Cheapest thresholds whose accuracy is at least the last exit's accuracy minus ``max_drop`` (a fraction)."""
+def solve_max_drop(confidence, correct, cumulative_flops, max_drop: float, sweep_points=None,
+                   max_cells: int = DEFAULT_MAX_CELLS) -> OperatingPoint:
+    """The cheapest thresholds on this split whose accuracy is at least the last exit's minus ``max_drop`` (a fraction).
+
+    Exact like :func:`solve_budget` (ties in cost go to the more accurate point). The drop holds on *this* split;
+    on new data it can be larger; :mod:`dmpo_edge.calib.risk` gives a guarantee with a stated confidence.
+    """
     conf, corr, flops = check_calibration_arrays(confidence, correct, cumulative_flops)
     if not (isinstance(max_drop, (int, float)) and math.isfinite(max_drop) and 0 <= max_drop < 1):
         raise DmpoEdgeError("max drop", f"max drop {max_drop!r} must be an accuracy fraction in [0, 1), e.g. 0.01 for 1 point")
@@ -371,16 +403,12 @@ def solve_max_drop(confidence, correct, cumulative_flops, max_drop: float, sweep
     def key(nc, cost):
         return -np.asarray(cost, np.float64), np.asarray(nc, np.float64)
 
-    candidates = []
-    # the "all run to the end" start always meets the target, so ``ok`` below is never empty
-    for t0 in _starts(conf, corr, flops, sweep_points):
-        candidates.append(evaluate_thresholds(conf, corr, flops, t0))
-        t = _descend(conf, corr, flops, t0, feasible, key)
-        candidates.append(evaluate_thresholds(conf, corr, flops, t))
-    ok = [p for p in candidates if int(p.correct_counts.sum()) >= need]
-    best = min(ok, key=lambda p: (p.expected_cost, -int(p.correct_counts.sum())))
+    # "all run to the end" (among the starts) always meets the target, so the search always has a point
+    starts = _start_points(conf, corr, flops, sweep_points, feasible, key)
+    res = exact_search(conf, corr, flops, "max_drop", need=int(need), incumbents=starts, max_cells=max_cells)
+    best = evaluate_thresholds(conf, corr, flops, res.thresholds)
     best.meta.update({
         "method": "max_drop", "target": float(max_drop), "final_exit_accuracy": final_correct / n,
-        "target_accuracy": need / n,
+        "target_accuracy": need / n, **_search_meta(res, n, "max_drop"),
     })
     return best

@@ -31,9 +31,12 @@ class CompileData:
 
 
 def default_holdout_spec(calib: str | None) -> str | None:
-    """Where held-out data comes from when none is given: the test split of ``digits``; None for folders."""
-    if calib is not None and (calib == "digits" or str(calib).startswith("digits:")):
-        return "digits:test"
+    """Where held-out data comes from when none is given: the test split of a named set (``digits``,
+    ``fashion-mnist``, ``idx:DIR``); None for folders."""
+    from ..calib.datasets import is_named_dataset, named_split
+
+    if calib is not None and is_named_dataset(calib):
+        return f"{named_split(calib)[0]}:test"
     return None
 
 

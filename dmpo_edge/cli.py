@@ -24,7 +24,7 @@ COMMANDS = {
     "eval": "per-exit accuracy and the accuracy-versus-cost curve of a bundle",
     "run": "classify frames from a folder, video, camera or GStreamer pipeline with early exits",
     "bench": "trtexec-style latency benchmark of the early-exit pipeline against the static model",
-    "demo": "the whole job on digits: tune, compile --int8, calibrate, run, bench, summary",
+    "demo": "the whole job on digits or fashion-mnist: tune, compile --int8, calibrate, run, bench, summary",
     "serve": "serve a bundle over HTTP and gRPC with Triton Inference Server (PyTriton; the 'serve' extra)",
     "export-triton": "write a Triton model repository (Python backend, dynamic batching) for a bundle",
 }

@@ -234,7 +234,7 @@ def test_accuracy_solver_stays_within_the_drop(problem, drop):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_two_exit_solvers_are_exact_against_brute_force(seed):
-    # With one early exit the coordinate search is exhaustive: compare with every threshold the data allows.
+    # With one early exit: compare with every threshold the data allows.
     rng = np.random.default_rng(seed)
     n = 40
     conf = np.round(rng.random((2, n)), 1).astype(f32)
@@ -253,22 +253,78 @@ def test_two_exit_solvers_are_exact_against_brute_force(seed):
         assert (got.accuracy, got.expected_cost) == (best.accuracy, best.expected_cost)
 
 
-def test_three_exit_budget_solver_close_to_brute_force():
-    # Coordinate search is a heuristic for K > 2; on small problems it should reach the exhaustive optimum
-    # or be within one sample of it.
-    rng = np.random.default_rng(11)
-    n = 30
-    conf = np.round(rng.random((3, n)), 1).astype(f32)
-    correct = rng.random((3, n)) < np.array([[0.5], [0.7], [0.9]])
-    flops = [1.0, 2.0, 4.0]
-    c0 = [NEVER] + sorted({float(v) for v in conf[0]})
-    c1 = [NEVER] + sorted({float(v) for v in conf[1]})
-    pts = [th.evaluate_thresholds(conf, correct, flops, [a, b]) for a, b in itertools.product(c0, c1)]
-    for budget in (0.4, 0.6, 0.8):
-        best = max(p.accuracy for p in pts if p.expected_cost <= budget)
+def _brute_force(conf, correct, flops):
+    """Every combination of distinct thresholds per early exit, plus both sentinels ("never" and "always")."""
+    cands = [[NEVER, -NEVER] + sorted({float(v) for v in conf[k]}) for k in range(conf.shape[0] - 1)]
+    return [th.evaluate_thresholds(conf, correct, flops, t) for t in itertools.product(*cands)]
+
+
+def _small_problem(seed, k_stages, n, levels):
+    rng = np.random.default_rng(seed)
+    conf = (np.floor(rng.random((k_stages, n)) * levels) / levels).astype(f32)  # few levels: many ties
+    acc = np.sort(rng.uniform(0.3, 1.0, k_stages))
+    correct = rng.random((k_stages, n)) < acc[:, None]
+    flops = np.cumsum(rng.uniform(0.1, 3.0, k_stages))
+    if seed % 3 == 0:
+        flops[1] = flops[0]  # an exit that costs nothing extra
+    return conf, correct, flops
+
+
+@pytest.mark.parametrize("seed,k_stages,n,levels", [
+    (0, 3, 30, 10), (1, 3, 30, 4), (2, 4, 40, 6), (3, 4, 45, 5), (4, 5, 50, 3), (5, 3, 40, 40), (6, 4, 40, 12),
+])
+def test_solvers_match_brute_force(seed, k_stages, n, levels):
+    conf, correct, flops = _small_problem(seed, k_stages, n, levels)
+    pts = _brute_force(conf, correct, flops)
+    lo = th.minimum_cost(flops, n)
+    for budget in sorted({lo, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0}):
+        if budget < lo:
+            continue
+        best = max((p for p in pts if p.expected_cost <= budget), key=lambda p: (int(p.correct_counts.sum()), -p.expected_cost))
         got = th.solve_budget(conf, correct, flops, budget)
+        assert got.meta["search"] == "exact" and got.meta["gap"] == 0
+        assert (got.accuracy, got.expected_cost) == (best.accuracy, best.expected_cost), budget
         assert got.expected_cost <= budget
-        assert got.accuracy >= best - 1.0 / n
+    for drop in (0.0, 0.03, 0.1, 0.25):
+        need = math.ceil(int(correct[-1].sum()) - drop * n - 1e-9)
+        best = min((p for p in pts if int(p.correct_counts.sum()) >= need), key=lambda p: (p.expected_cost, -p.accuracy))
+        got = th.solve_max_drop(conf, correct, flops, drop)
+        assert got.meta["search"] == "exact"
+        assert (got.accuracy, got.expected_cost) == (best.accuracy, best.expected_cost), drop
+
+
+def test_solvers_find_what_a_local_search_misses():
+    # The coordinate descent that preceded the exact search stalls on problems like this one; the exact search
+    # must reach the brute-force optimum on every seed.
+    misses = 0
+    for seed in range(12):
+        conf, correct, flops = _small_problem(100 + seed, 3, 30, 8)
+        pts = _brute_force(conf, correct, flops)
+        for budget in (0.5, 0.7):
+            if budget < th.minimum_cost(flops, 30):
+                continue
+            best = max(int(p.correct_counts.sum()) for p in pts if p.expected_cost <= budget)
+            got = th.solve_budget(conf, correct, flops, budget)
+            misses += int(got.correct_counts.sum()) != best
+    assert misses == 0
+
+
+def test_work_limit_reports_a_heuristic_point_and_its_gap():
+    rng = np.random.default_rng(0)
+    k_stages, n = 4, 400
+    z = rng.normal(size=(k_stages, n)) + np.linspace(0, 2, k_stages)[:, None]
+    correct = rng.random((k_stages, n)) < 1 / (1 + np.exp(-2 * z))
+    conf = (1 / (1 + np.exp(-z - rng.normal(scale=0.5, size=z.shape)))).astype(f32)
+    flops = [0.3, 0.5, 0.7, 1.0]
+    exact = th.solve_budget(conf, correct, flops, 0.5)
+    capped = th.solve_budget(conf, correct, flops, 0.5, max_cells=1)
+    assert exact.meta["search"] == "exact" and exact.meta["gap"] == 0
+    assert capped.meta["search_cells"] <= exact.meta["search_cells"]
+    assert capped.expected_cost <= 0.5 and capped.accuracy <= exact.accuracy
+    if capped.meta["search"] == "heuristic":  # it stopped before proving its point optimal: the gap bounds the loss
+        assert capped.meta["gap"] > 0 and capped.accuracy + capped.meta["gap"] >= exact.accuracy - 1e-12
+    else:
+        assert capped.accuracy == exact.accuracy
 
 
 def test_pareto_front_is_monotone():

@@ -2,6 +2,7 @@
 
 import json
 import re
+import pytest
 
 import pytest
 
@@ -31,3 +32,60 @@ def test_demo_runs_the_whole_job_and_its_summary_matches_eval_and_bench(tiny_che
     hist = [int(v) for v in re.search(r"exits \[([\d, ]+)\]", summary).group(1).split(",")]
     assert hist == op["exit_counts"]
     assert (work / "eval.png").stat().st_size > 1000
+
+
+def _small_fashion_mnist(root, n_train=1200, n_test=300):
+    """A real slice of the installed Fashion-MNIST (first images of each official file) as IDX files."""
+    import os
+
+    import numpy as np
+
+    from dmpo_edge.calib.idx import read_idx, write_idx
+    from dmpo_edge.calib.idx_sets import FASHION_MNIST_DIR
+
+    os.makedirs(root, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        for kind in ("images-idx3", "labels-idx1"):
+            name = f"{prefix}-{kind}-ubyte.gz"
+            write_idx(os.path.join(root, name), np.ascontiguousarray(read_idx(os.path.join(FASHION_MNIST_DIR, name))[:n]))
+    return root
+
+
+@pytest.mark.slow
+def test_demo_on_fashion_mnist_compares_with_the_static_model(tmp_path, capsys, monkeypatch):
+    import os
+
+    torch = pytest.importorskip("torch")
+    from conftest import TINY_CONFIG, TINY_IMAGE, _fit_exit_classifiers
+
+    from dmpo_edge.calib.datasets import load_dataset
+    from dmpo_edge.calib.idx_sets import FASHION_MNIST_DIR
+    from dmpo_edge.models import build_model, save_checkpoint
+    from dmpo_edge.models.flops import stage_flops
+    from dmpo_edge.preprocess import Preprocess
+
+    if not os.path.exists(os.path.join(FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz")):
+        pytest.skip("Debian package dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)")
+    monkeypatch.setenv("DMPO_EDGE_FASHION_MNIST", _small_fashion_mnist(str(tmp_path / "fm")))
+    torch.manual_seed(0)
+    model = build_model(dict(TINY_CONFIG)).eval()
+    pre = Preprocess(resize=TINY_IMAGE, crop=TINY_IMAGE)
+    train = load_dataset("fashion-mnist:train")
+    accs = _fit_exit_classifiers(model, pre(train.images), train.labels, 10)
+    ckpt = str(tmp_path / "fashion_model.pt")
+    save_checkpoint(ckpt, model, classes=train.classes, preprocess=pre.to_dict(), loss_schedule={},
+                    metrics={"exit_accuracy": accs, "train_data": "fashion-mnist:train", **stage_flops(model, TINY_IMAGE)})
+    work = tmp_path / "demo"
+    code = main(["demo", "--data", "fashion-mnist", "--model", ckpt, "--workdir", str(work), "--precision", "fp32",
+                 "--calib-count", "64", "--duration", "0.2", "--batch", "16", "--backend", "ort",
+                 "--exporter", "torchscript", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "$ dmpo-edge calibrate" in out and "--val fashion-mnist:val" in out and "--data fashion-mnist:test" in out
+    ev = json.loads((work / "eval.json").read_text())
+    assert ev["data"]["size"] == 300
+    summary = out.split("== summary", 1)[1]
+    op = ev["operating_point"]
+    line = summary.split("against the static model", 1)[1].splitlines()[0]
+    assert f"early exit {100 * op['accuracy']:.1f}% at {100 * op['expected_cost']:.1f}%" in line, line
+    assert f"static model (every stage, final exit) {100 * ev['final_accuracy']:.1f}% at 100.0%" in line, line

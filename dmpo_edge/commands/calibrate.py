@@ -1,4 +1,4 @@
-"""``dmpo-edge calibrate BUNDLE --val DATA (--budget X | --max-drop Y | --sweep [--pick-budget X])``.
+"""``dmpo-edge calibrate BUNDLE --val DATA (--budget X | --max-drop Y [--confidence C] | --sweep [--pick-budget X])``.
 
 Re-thresholds a bundle without recompiling: runs the deployed stages on the labelled held-out split,
 chooses the thresholds and records them in the manifest, with ``reports/calibration.json`` and
@@ -19,9 +19,20 @@ def add_arguments(p) -> None:
     add_data(p, "--val", what="labelled held-out split", split="val", required=True)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--budget", type=float, metavar="X",
-                      help="best validation accuracy with expected cost <= X of the full model's FLOPs (e.g. 0.4)")
+                      help="the most accurate thresholds on the validation split (exact search) with expected cost "
+                           "<= X of the full model's FLOPs (e.g. 0.4)")
     mode.add_argument("--max-drop", type=float, metavar="Y",
-                      help="cheapest thresholds within Y accuracy (fraction, 0.01 = 1 point) of the last exit")
+                      help="the cheapest thresholds on the validation split (exact search) within Y accuracy "
+                           "(fraction, 0.01 = 1 point) of the last exit; on new data the drop can be larger, "
+                           "see --confidence")
+    p.add_argument("--confidence", type=float, metavar="C",
+                   help="with --max-drop: risk-controlled thresholds whose accuracy drop against the last exit on new "
+                        "data from the same distribution stays within Y with probability >= C (e.g. 0.9), given the "
+                        "validation size (Learn then Test, binomial bound); prints the bound")
+    p.add_argument("--risk-path", choices=("shared", "split"), default="shared",
+                   help="with --confidence: candidates tested in order: 'shared' one threshold for every exit on a "
+                        "fixed grid, all samples tested (default); 'split' the budgeted-batch sweep fit on half of "
+                        "the split, tested on the other half")
     mode.add_argument("--sweep", action="store_true",
                       help="MSDNet budgeted-batch sweep; records the best point under --pick-budget (default: the "
                            "cheapest point with the sweep's best accuracy)")
@@ -101,6 +112,22 @@ def print_time_and_payoff(report: dict) -> None:
               f"{100 * e['accuracy_change_without']:+.2f} points)")
 
 
+def print_risk(risk: dict) -> None:
+    """The promise in words: what holds, with which probability, and the bound that backs it."""
+    conf, drop = risk["confidence"], risk["max_drop"]
+    print(f"risk control ({risk['path']} path, {risk['points_tested']} of {risk['path_points']} candidates tested on "
+          f"{risk['tested_samples']} samples, {risk['points_certified']} certified):")
+    if risk["full_model_only"]:
+        print(f"  no early-exit point could be certified: with {risk['tested_samples']} samples a drop <= {100 * drop:.2f} "
+              f"points at {100 * conf:g}% confidence is not provable; every sample runs to the last exit. Give a larger --val "
+              f"split or a looser --max-drop / --confidence")
+        return
+    print(f"  with probability >= {100 * conf:g}% over the validation draw, the accuracy drop against the last exit on new "
+          f"data is <= {100 * drop:.2f} points")
+    print(f"  bound: P(early exit wrong, last exit right) <= {100 * risk['upper_bound']:.2f}% ({100 * conf:g}% upper "
+          f"confidence bound; {risk['losses']} of {risk['tested_samples']} samples)")
+
+
 def run(args) -> int:
     from ..bundle import Bundle
     from ..calib.evaluate import CALIBRATION_PLOT, CALIBRATION_REPORT, calibrate
@@ -110,7 +137,8 @@ def run(args) -> int:
     bundle = Bundle.load(args.bundle)
     backend = checked_backend(args.backend, bundle, where="calibrate")
     report = calibrate(bundle, args.val, budget=args.budget, max_drop=args.max_drop, sweep_only=args.sweep,
-                       pick_budget=args.pick_budget, batch_size=args.batch_size, backend=backend,
+                       pick_budget=args.pick_budget, confidence=args.confidence, risk_path=args.risk_path,
+                       batch_size=args.batch_size, backend=backend,
                        progress=not args.quiet, latency_budget_ms=args.latency_budget, latency_batch=args.latency_batch,
                        cost_axis=args.cost_axis)
     split = report["split"]
@@ -123,6 +151,14 @@ def run(args) -> int:
     print(f"method {rec['method']}, target {target}")
     print("thresholds: " + format_thresholds(rec["values"]))
     print_point("validation", report["chosen"])
+    if rec.get("search") == "heuristic":
+        gap = rec.get("gap", float("nan"))
+        within = (f"{100 * gap:.2f} accuracy points" if rec["method"] == "budget"
+                  else f"{gap / 1e6:.4g} MFLOPs per sample")
+        print(f"search: stopped at its work limit (heuristic, not proven optimal); the optimum is at most {within} better")
+    risk = rec.get("risk")
+    if risk:
+        print_risk(risk)
     print_time_and_payoff(report)
     print(f"wrote {CALIBRATION_REPORT}, {CALIBRATION_PLOT} and the manifest's thresholds")
     if args.json:

@@ -1,4 +1,4 @@
-"""``dmpo-edge demo``: the whole job on the bundled digits, one command, composed of the other commands.
+"""``dmpo-edge demo``: the whole job on the bundled digits (or Fashion-MNIST), one command, composed of the other commands.
 
 tune (or reuse a cached ``model.pt``) -> ``compile --int8`` calibrated on a training subset -> ``calibrate``
 on the validation split (an exit that does not pay for its head there is left out: ``compile --exits`` and
@@ -14,12 +14,20 @@ import os
 import sys
 import time
 
-__all__ = ["add_arguments", "run", "summary_table"]
+__all__ = ["add_arguments", "run", "summary_table", "DEMO_DATA"]
+
+#: data sets the demo knows: spec -> default number of training images (None: all of the train split)
+DEMO_DATA = {"digits": None, "fashion-mnist": 5000}
 
 
 def add_arguments(p) -> None:
     from .options import add_backend, add_quiet
 
+    p.add_argument("--data", default="digits", choices=tuple(DEMO_DATA),
+                   help="digits (bundled with scikit-learn) or fashion-mnist (apt-get install dataset-fashion-mnist); "
+                        "tuned on :train, thresholds on :val, everything reported on :test (default digits)")
+    p.add_argument("--train-count", type=int, default=None, metavar="N",
+                   help="training images (stratified subset; default all for digits, 5000 for fashion-mnist)")
     p.add_argument("--workdir", default="dmpo-demo", help="where model.pt, the bundle and the reports go (default ./dmpo-demo)")
     p.add_argument("--backbone", default="efficientnet_lite0", help="backbone to tune (default efficientnet_lite0, ImageNet-pretrained)")
     p.add_argument("--epochs", type=int, default=None, help="tuning epochs (default: the tune command's)")
@@ -29,7 +37,7 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=32, help="batch size of the benchmark (default 32)")
     p.add_argument("--duration", type=float, default=3.0, help="seconds per benchmark configuration (default 3, trtexec's)")
     p.add_argument("--retune", action="store_true", help="tune again even when workdir/model.pt exists")
-    p.add_argument("--model", metavar="MODEL.PT", help="use this digits checkpoint instead of tuning one")
+    p.add_argument("--model", metavar="MODEL.PT", help="use this checkpoint (tuned on --data) instead of tuning one")
     add_backend(p)
     p.add_argument("--exporter", default=None, choices=("dynamo", "torchscript"), help="torch.onnx exporter for compile")
     p.add_argument("--keep-all-exits", action="store_true",
@@ -55,7 +63,10 @@ def _pct(v) -> str:
 
 
 def summary_table(ev: dict, bench: dict, realised: dict) -> str:
-    """The closing table: per-exit accuracy, exit distribution, accuracy vs the final exit, FLOPs, speed-ups."""
+    """The closing table: per-exit accuracy, exit distribution, accuracy and cost against the static model, speed-ups.
+
+    The static model is what bench times as the baseline: the same bundle's stages run to the final exit, every
+    sample, no early exits; its accuracy is the final exit's, its cost 100% of the FLOPs."""
     exits = ev["exits"]
     op = ev["operating_point"] or {}
     dist = op.get("exit_distribution") or [None] * len(exits)
@@ -74,6 +85,8 @@ def summary_table(ev: dict, bench: dict, realised: dict) -> str:
         "",
         f"early-exit accuracy (eval, test split)  {_pct(op.get('accuracy'))}   final exit alone {_pct(final)}   "
         f"difference {100 * ((op.get('accuracy') or 0) - final):+.1f} points",
+        f"against the static model               early exit {_pct(op.get('accuracy'))} at {_pct(op.get('expected_cost'))} "
+        f"of its FLOPs; static model (every stage, final exit) {_pct(final)} at 100.0%",
         f"pipeline run on the test split         {_pct(realised['accuracy'])}   exits {realised['histogram']}",
         f"expected cost                          {_pct(op.get('expected_cost'))} of the full model's FLOPs "
         f"({(op.get('expected_cost') or 0) * full / 1e6:.2f} of {full / 1e6:.2f} MFLOPs)",
@@ -115,8 +128,10 @@ def run(args) -> int:
     t0 = time.perf_counter()
     work = os.path.abspath(args.workdir)
     os.makedirs(work, exist_ok=True)
-    model = os.path.join(work, "model.pt")
-    bundle = os.path.join(work, f"digits_{args.precision}")
+    data = args.data
+    model = os.path.join(work, "model.pt" if data == "digits" else f"{data}_model.pt")
+    bundle = os.path.join(work, f"{data}_{args.precision}")
+    train_count = args.train_count if args.train_count is not None else DEMO_DATA[data]
     quiet = ["--quiet"] if args.quiet else []
 
     if args.model:
@@ -127,31 +142,33 @@ def run(args) -> int:
     elif os.path.isfile(model) and not args.retune:
         print(f"== reusing {model} (pass --retune to tune again)")
     else:
-        argv = ["tune", "--data", "digits", "--backbone", args.backbone, "-o", model] + quiet
+        argv = ["tune", "--data", data, "--backbone", args.backbone, "-o", model] + quiet
         if args.epochs:
             argv += ["--epochs", str(args.epochs)]
-        _step("tune DMPO on digits:train (validation on digits:val)", argv)
-    _step(f"compile --{args.precision} calibrated on digits:train",
-          ["compile", model, "--precision", args.precision, "--calib", "digits:train", "--calib-count", str(args.calib_count),
-           "--holdout", "digits:val", "-o", bundle, "--force", "--accept-drop"]  # the demo shows a budget miss, loudly
+        if train_count:
+            argv += ["--train-count", str(train_count)]
+        _step(f"tune DMPO on {data}:train (validation on {data}:val)", argv)
+    _step(f"compile --{args.precision} calibrated on {data}:train",
+          ["compile", model, "--precision", args.precision, "--calib", f"{data}:train", "--calib-count", str(args.calib_count),
+           "--holdout", f"{data}:val", "-o", bundle, "--force", "--accept-drop"]  # the demo shows a budget miss, loudly
           + (["--exporter", args.exporter] if args.exporter else []))
-    _step(f"exit thresholds on digits:val within {100 * args.max_drop:g} point(s) of the final exit",
-          ["calibrate", bundle, "--val", "digits:val", "--max-drop", str(args.max_drop), "--backend", args.backend] + quiet)
+    _step(f"exit thresholds on {data}:val within {100 * args.max_drop:g} point(s) of the final exit",
+          ["calibrate", bundle, "--val", f"{data}:val", "--max-drop", str(args.max_drop), "--backend", args.backend] + quiet)
     keep = None if args.keep_all_exits else exits_that_pay(bundle)
     if keep and len(keep) < 2:
         print("   no early exit pays for its head at these thresholds; keeping them all (the summary shows the cost)")
         keep = None
     if keep:
-        _step(f"compile again with the exits that pay for their heads on digits:val ({','.join(map(str, keep))})",
-              ["compile", model, "--precision", args.precision, "--calib", "digits:train", "--calib-count",
-               str(args.calib_count), "--holdout", "digits:val", "-o", bundle, "--force", "--accept-drop",
+        _step(f"compile again with the exits that pay for their heads on {data}:val ({','.join(map(str, keep))})",
+              ["compile", model, "--precision", args.precision, "--calib", f"{data}:train", "--calib-count",
+               str(args.calib_count), "--holdout", f"{data}:val", "-o", bundle, "--force", "--accept-drop",
                "--exits", ",".join(map(str, keep))] + (["--exporter", args.exporter] if args.exporter else []))
-        _step(f"exit thresholds on digits:val within {100 * args.max_drop:g} point(s) of the final exit",
-              ["calibrate", bundle, "--val", "digits:val", "--max-drop", str(args.max_drop), "--backend", args.backend]
+        _step(f"exit thresholds on {data}:val within {100 * args.max_drop:g} point(s) of the final exit",
+              ["calibrate", bundle, "--val", f"{data}:val", "--max-drop", str(args.max_drop), "--backend", args.backend]
               + quiet)
 
-    print("\n== the early-exit pipeline on the held-out digits:test", flush=True)
-    test = load_dataset("digits:test")
+    print(f"\n== the early-exit pipeline on the held-out {data}:test", flush=True)
+    test = load_dataset(f"{data}:test")
     b = Bundle.load(bundle)
     x = b.preprocess(test.images)
     with Pipeline.from_bundle(b, backend=args.backend) as pipe:
@@ -164,11 +181,11 @@ def run(args) -> int:
     print(f"{len(res)} images on {backend_name}: accuracy {_pct(realised['accuracy'])}, exits per stage {hist}")
 
     ev_json, ev_png = os.path.join(work, "eval.json"), os.path.join(work, "eval.png")
-    _step("per-exit accuracy and accuracy versus FLOPs on digits:test",
-          ["eval", bundle, "--data", "digits:test", "--json", ev_json, "--plot", ev_png, "--backend", args.backend] + quiet)
+    _step(f"per-exit accuracy and accuracy versus FLOPs on {data}:test",
+          ["eval", bundle, "--data", f"{data}:test", "--json", ev_json, "--plot", ev_png, "--backend", args.backend] + quiet)
     bench_json = os.path.join(work, "bench.json")
     _step(f"latency against the static model, batch {args.batch}",
-          ["bench", bundle, "--data", "digits:test", "--batch", str(args.batch), "--duration", str(args.duration),
+          ["bench", bundle, "--data", f"{data}:test", "--batch", str(args.batch), "--duration", str(args.duration),
            "--backend", args.backend, "--json", bench_json] + quiet)
 
     with open(ev_json) as f:

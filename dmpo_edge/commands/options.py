@@ -49,9 +49,9 @@ def checked_backend(name, bundle=None, *, where: str, allow_null: bool = False) 
 
 
 def _data_help(what: str, split: str | None, labelled: bool) -> str:
-    digits = f"digits:{split}" if split else "digits[:train|val|test]"
+    sp = f":{split}" if split else "[:train|val|test]"
     folder = "a folder with one sub-folder of images per class" if labelled else "a folder of images (class sub-folders optional)"
-    return f"{what}: {folder}, or {digits} (the bundled digits set)"
+    return f"{what}: {folder}, digits{sp} (the bundled digits set), fashion-mnist{sp} or idx:DIR{sp} (MNIST-style IDX files)"
 
 
 def add_data(p, flag: str = "--data", *, what: str = "labelled images", split: str | None = None,

@@ -22,13 +22,15 @@ def add_arguments(p) -> None:
 
     d = p.add_argument_group("data")
     add_data(d, what="training images", default="digits")
-    d.add_argument("--val", default=None, help="validation data (default: digits:val for digits, else a seeded split of --data)")
+    d.add_argument("--val", default=None, help="validation data (default: the ':val' split of a named set, else a seeded split of --data)")
+    d.add_argument("--train-count", type=int, default=None, metavar="N",
+                   help="tune on a stratified, seeded subset of N training images (default: all of them)")
     d.add_argument("--val-fraction", type=float, default=0.2, help="validation share of a folder (default 0.2)")
     m = p.add_argument_group("model")
     m.add_argument("--backbone", default="efficientnet_lite0", help="efficientnet_lite0 | vit_tiny | vit_small | vit_base | vit (custom: --embed-dim, --depth, --num-heads) (default efficientnet_lite0)")
     m.add_argument("--weights", default=None, help="pre-trained backbone weights (timm-format .pth/.safetensors for ViT; EfficientNet-Lite0 uses the bundled ImageNet weights)")
     m.add_argument("--no-pretrained", action="store_true", help="start the backbone from random weights")
-    m.add_argument("--image-size", type=int, default=None, help="network input size (default 64 for EfficientNet, 224 for ViT)")
+    m.add_argument("--image-size", type=int, default=None, help="network input size (default for EfficientNet: 32 for fashion-mnist and idx:DIR, else 64; 224 for ViT)")
     m.add_argument("--resize", type=int, default=None, help="resize the shorter side to this before the centre crop (default: image size)")
     m.add_argument("--patch-size", type=int, default=16, help="ViT patch size (default 16)")
     m.add_argument("--embed-dim", type=int, default=None, help="ViT width (backbone 'vit'; presets set it)")
@@ -46,6 +48,9 @@ def add_arguments(p) -> None:
     a.add_argument("--no-bypass", action="store_true", help="early predictors read the trunk features directly")
     a.add_argument("--linear-early-heads", action="store_true", help="pool + linear early heads instead of covariance heads")
     a.add_argument("--uniform-weights", action="store_true", help="every exit weighted 1 throughout (no two-phase schedule)")
+    a.add_argument("--first-order-early-heads", action="store_true",
+                   help="first-order early heads (1x1 conv + average pool + linear) with the parameters and, as far as "
+                        "possible, the FLOPs of a DMPO exit: the size-matched control for the covariance heads")
     a.add_argument("--baseline", action="store_true", help="plain multi-exit tuning: all three ablations at once")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=8, help="epochs (default 8)")
@@ -57,7 +62,8 @@ def add_arguments(p) -> None:
     o.add_argument("--phase2", type=_floats, default=None, help="phase-2 loss weights per exit (default: 1 on early exits, 0.5 on the final)")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    o.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    o.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the free cores, i.e. usable cores minus the load average, at least 1)")
     p.add_argument("-o", "--output", default="model.pt", help="checkpoint to write (atomically; default model.pt)")
     add_quiet(p)
 
@@ -71,15 +77,24 @@ def format_exit_table(config: dict, metrics: dict) -> str:
     return "\n".join(rows)
 
 
+def _cnn_image_size(spec: str) -> int:
+    """EfficientNet's default input: 32 for the 28 x 28 MNIST family (fashion-mnist, idx:DIR): upsampling them to 64
+    costs 4x the FLOPs for no new detail (measured in docs/results.md); 64 for everything else (digits included)."""
+    from ..calib.datasets import is_named_dataset, named_split
+
+    name = named_split(spec)[0] if is_named_dataset(spec) else ""
+    return 32 if name == "fashion-mnist" or name.startswith("idx:") else 64
+
+
 def _datasets(args):
-    from ..calib.datasets import load_dataset
+    from ..calib.datasets import is_named_dataset, load_dataset, named_split
     from ..errors import DmpoEdgeError
 
     spec = str(args.data)
-    is_digits = (spec == "digits" or spec.startswith("digits:")) and not os.path.exists(spec)
-    if is_digits:
-        train = load_dataset("digits:train" if spec == "digits" else spec)
-        val = load_dataset(args.val or "digits:val")
+    if is_named_dataset(spec):
+        name, split = named_split(spec)
+        train = load_dataset(f"{name}:train" if split is None else spec)
+        val = load_dataset(args.val or f"{name}:val")
     else:
         full = load_dataset(spec)
         if args.val:
@@ -95,6 +110,8 @@ def _datasets(args):
         raise DmpoEdgeError("tune", f"validation classes {val.classes} differ from training classes {train.classes}")
     if train.labels is None or len(set(train.labels.tolist())) < 2:
         raise DmpoEdgeError("tune", "training data needs at least 2 classes with images")
+    if args.train_count is not None:
+        train = train.stratified_take(args.train_count, seed=args.seed, where="tune --train-count")
     return train, val
 
 
@@ -109,6 +126,13 @@ def run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+        threads_note = f"threads: {args.threads} (--threads)"
+    else:
+        from ..models.threads import free_cpu_threads
+
+        n, why = free_cpu_threads()
+        torch.set_num_threads(n)
+        threads_note = f"threads: {n} ({why})"
     if args.baseline:
         args.no_bypass = args.linear_early_heads = args.uniform_weights = True
     train, val = _datasets(args)
@@ -117,15 +141,18 @@ def run(args) -> int:
         skipped = train.skipped + val.skipped
         print(f"dmpo-edge: skipped {len(skipped)} unreadable image(s), first: {skipped[0][0]} ({skipped[0][1]})", file=sys.stderr)
     vit = args.backbone.startswith("vit")
-    image_size = args.image_size or (224 if vit else 64)
+    image_size = args.image_size or (224 if vit else _cnn_image_size(str(args.data)))
     config = {
         "backbone": args.backbone, "num_classes": len(train.classes), "image_size": image_size, "exits": args.exits,
         "patch_size": args.patch_size, "embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.num_heads,
         "pretrained": False if args.no_pretrained else (args.weights or True),
         "adapter_dim": args.adapter_dim, "lora_rank": args.lora_rank, "cov_dim": args.cov_dim, "ns_iters": args.ns_iters,
         "bypass": not args.no_bypass, "bypass_dim": args.bypass_dim, "bypass_detach": args.bypass_detach,
-        "early_head": "linear" if args.linear_early_heads else "cov", "freeze_backbone": not args.train_backbone,
+        "early_head": "first_order" if args.first_order_early_heads else "linear" if args.linear_early_heads else "cov",
+        "freeze_backbone": not args.train_backbone,
     }
+    if rank0:
+        print(f"dmpo-edge: {threads_note}", file=sys.stderr)
     if vit and config["pretrained"] is True and rank0:
         print("dmpo-edge: no ViT weights ship offline; tuning from random weights (pass --weights for a timm checkpoint)", file=sys.stderr)
     seed_everything(args.seed)
@@ -149,6 +176,7 @@ def run(args) -> int:
         if not metrics:  # not rank 0
             return 0
         metrics["ablation"] = {"bypass": config["bypass"], "early_head": config["early_head"], "loss_schedule": schedule.mode}
+        metrics["threads"] = threads_note
         model.to("cpu")
         save_checkpoint(out, model, classes=train.classes, preprocess=pre.to_dict(), loss_schedule=schedule.to_dict(),
                         metrics=metrics)

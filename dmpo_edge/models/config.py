@@ -38,7 +38,10 @@ DEFAULTS = {
     "bypass": True,
     "bypass_dim": 32,
     "bypass_detach": False,
-    "early_head": "cov",  # 'cov' (high-order statistics) | 'linear'
+    "early_head": "cov",  # 'cov' (high-order statistics) | 'linear' | 'first_order' (sized like a DMPO exit)
+    # 'first_order' heads: [width, hidden] per early exit, chosen once at build time (models/matched.py) and
+    # stored so that a checkpoint rebuilds exactly the same shapes
+    "head_widths": None,
     "cov_dim": 32,
     "ns_iters": 5,
     "head_dropout": 0.0,
@@ -118,8 +121,8 @@ def normalize_config(config: dict) -> dict:
             raise DmpoEdgeError("config", f"'{key}' = {cfg[key]} is out of range (at most {_MAX.get(key, 1 << 16)})")
     if cfg["num_classes"] < 2:
         raise DmpoEdgeError("config", f"num_classes = {cfg['num_classes']}; a classifier needs at least 2 classes")
-    if cfg["early_head"] not in ("cov", "linear"):
-        raise DmpoEdgeError("config", f"early_head '{cfg['early_head']}' is not 'cov' or 'linear'")
+    if cfg["early_head"] not in ("cov", "linear", "first_order"):
+        raise DmpoEdgeError("config", f"early_head '{cfg['early_head']}' is not 'cov', 'linear' or 'first_order'")
     if cfg["backbone"].startswith("vit"):
         _vit_shape(cfg)
     else:
@@ -143,6 +146,15 @@ def normalize_config(config: dict) -> dict:
     if not exits or exits[-1] != depth - 1:
         exits.append(depth - 1)  # the final exit sits on the last block
     cfg["exits"] = exits
+    if cfg["head_widths"] is not None:
+        hw = cfg["head_widths"]
+        ok = isinstance(hw, (list, tuple)) and len(hw) == len(exits) - 1 and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in p)
+            and 1 <= p[0] <= 1 << 16 and 0 <= p[1] <= 1 << 16 for p in hw)
+        if not ok:
+            raise DmpoEdgeError("config", f"head_widths {hw!r} must be one [width, hidden] pair of integers per early exit "
+                                f"({len(exits) - 1})")
+        cfg["head_widths"] = [[int(a), int(b)] for a, b in hw]
     for key in ("adapter_scale", "lora_alpha", "mlp_ratio", "head_dropout"):
         try:
             cfg[key] = float(cfg[key])

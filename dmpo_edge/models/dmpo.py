@@ -11,7 +11,7 @@ from .._lazy import require
 from ..errors import DmpoEdgeError
 from .base import EarlyExitModel
 from .config import normalize_config
-from .heads import Bypass, CovariancePredictor, LinearPredictor
+from .heads import Bypass, CovariancePredictor, FirstOrderPredictor, LinearPredictor
 
 torch = require("torch", "models")
 nn = torch.nn
@@ -55,12 +55,14 @@ def load_pretrained(backbone, cfg: dict) -> dict | None:
 
 
 class EarlyExit(nn.Module):
-    def __init__(self, kind: str, channels: int, cfg: dict):
+    def __init__(self, kind: str, channels: int, cfg: dict, widths=None):
         super().__init__()
         nc = cfg["num_classes"]
         self.bypass = Bypass(kind, channels, cfg["bypass_dim"], cfg["bypass_detach"]) if cfg["bypass"] else nn.Identity()
         if cfg["early_head"] == "cov":
             self.predictor = CovariancePredictor(kind, channels, nc, cfg["cov_dim"], cfg["ns_iters"], cfg["head_dropout"])
+        elif cfg["early_head"] == "first_order":
+            self.predictor = FirstOrderPredictor(kind, channels, nc, widths[0], widths[1], cfg["head_dropout"])
         else:
             self.predictor = LinearPredictor(kind, channels, nc, cfg["head_dropout"])
 
@@ -80,8 +82,15 @@ class DMPOModel(EarlyExitModel):
         if cfg["lora_rank"] > 0:
             self.backbone.add_lora(cfg["lora_rank"], cfg["lora_alpha"])
         kind = self.backbone.feature_kind
-        self.exits = nn.ModuleList(EarlyExit(kind, self.backbone.channels(b), cfg) for b in cfg["exits"][:-1])
         self._bounds = [(0 if k == 0 else cfg["exits"][k - 1] + 1, b + 1) for k, b in enumerate(cfg["exits"])]
+        widths = [None] * (len(cfg["exits"]) - 1)
+        if cfg["early_head"] == "first_order":
+            if cfg["head_widths"] is None:
+                from .matched import match_first_order
+
+                cfg["head_widths"] = [list(m["widths"]) for m in match_first_order(self)]
+            widths = cfg["head_widths"]
+        self.exits = nn.ModuleList(EarlyExit(kind, self.backbone.channels(b), cfg, w) for b, w in zip(cfg["exits"][:-1], widths))
         if cfg["freeze_backbone"]:
             self.freeze_backbone()
 

@@ -14,8 +14,8 @@ nn = torch.nn
 F = torch.nn.functional
 
 __all__ = [
-    "Bypass", "CovariancePredictor", "LinearPredictor", "newton_schulz_sqrt", "covariance", "upper_triangle_indices",
-    "pool_features",
+    "Bypass", "CovariancePredictor", "LinearPredictor", "FirstOrderPredictor", "newton_schulz_sqrt", "covariance",
+    "upper_triangle_indices", "pool_features",
 ]
 
 
@@ -134,3 +134,29 @@ class LinearPredictor(nn.Module):
 
     def forward(self, x):
         return self.fc(self.dropout(self.norm(pool_features(x))))
+
+
+class FirstOrderPredictor(nn.Module):
+    """A first-order head with the capacity of a DMPO exit (the control for "is it the statistics or the size?").
+
+    reduce (1x1 conv + BN + ReLU, or Linear + LayerNorm + ReLU on tokens) to ``width`` channels -> average pool
+    (first-order statistics only) -> optional hidden layer of ``hidden`` units + ReLU -> linear classifier.
+    :func:`dmpo_edge.models.matched.match_first_order` picks ``width`` and ``hidden`` so that parameters and
+    FLOPs equal those of a bypass + covariance exit at the same place; everything exports like the other heads.
+    """
+
+    def __init__(self, kind: str, channels: int, num_classes: int, width: int, hidden: int = 0, dropout: float = 0.0):
+        super().__init__()
+        self.kind = kind
+        if kind == "tokens":
+            self.reduce = nn.Sequential(nn.Linear(channels, width), nn.LayerNorm(width, eps=1e-6), nn.ReLU())
+        else:
+            self.reduce = nn.Sequential(nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.dropout = nn.Dropout(dropout)
+        self.hidden = nn.Sequential(nn.Linear(width, hidden), nn.ReLU()) if hidden > 0 else nn.Identity()
+        self.fc = nn.Linear(hidden if hidden > 0 else width, num_classes)
+
+    def forward(self, x):
+        x = self.reduce(x)
+        x = x.mean(dim=1) if self.kind == "tokens" else x.mean(dim=(2, 3))
+        return self.fc(self.dropout(self.hidden(x)))

@@ -1,0 +1,293 @@
+"""Analysis and report of :mod:`fashion_mnist`: thresholds on val, figures on test, paired tests, plot, docs section.
+
+Cost is always the expected per-sample FLOPs on the test images (every stage reached, every early head
+evaluated on the way, ``torch.utils.flop_counter`` with LoRA merged), in MFLOPs and as a share of ONE
+denominator: the static model (trunk + final exit, no early heads). A budget a model cannot meet (below
+its first exit) has the accuracy of a guess (1 / classes): it is what the model can promise at that cost.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOC = os.path.join(ROOT, "docs", "results.md")
+PLOT = os.path.join(ROOT, "docs", "img", "fashion_mnist_accuracy_vs_flops.png")
+SECTION = "## Fashion-MNIST: DMPO, plain multi-exit and the static model"
+
+
+def _softmax_conf(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(1, keepdims=True))
+    return (z / z.sum(1, keepdims=True)).max(1)
+
+
+def _arrays(npz: str, split: str, num_stages: int):
+    with np.load(npz) as d:
+        labels = d[f"{split}_labels"]
+        logits = [d[f"{split}_{k}"] for k in range(num_stages)]
+    conf = np.stack([_softmax_conf(lg) for lg in logits])
+    correct = np.stack([lg.argmax(1) == labels for lg in logits])
+    return conf, correct
+
+
+def _curve(meta, npz, static_flops, budgets, chance):
+    """Test (accuracy, cost share of static, MFLOPs) for thresholds fitted on val at every budget."""
+    from dmpo_edge.calib.thresholds import budgeted_batch_sweep, evaluate_thresholds, minimum_cost, solve_budget
+
+    cum = np.asarray(meta["metrics"]["cumulative_flops"], np.float64)
+    k = len(cum)
+    vc, vr = _arrays(npz, "val", k)
+    tc, tr = _arrays(npz, "test", k)
+    if k == 1:  # the static model: one operating point, the whole model
+        acc, share = float(tr[0].mean()), float(cum[0] / static_flops)
+        pts = [(acc, share, float(cum[0])) if b >= share - 1e-9 else (chance, 0.0, 0.0) for b in budgets]
+        return pts, [acc]
+    sweep = budgeted_batch_sweep(vc, vr, cum, check=False)
+    floor = minimum_cost(cum, vc.shape[1])
+    pts = []
+    for b in budgets:
+        own = b * static_flops / cum[-1]  # the budget as a share of this model's own full cost
+        if own < floor:
+            pts.append((chance, 0.0, 0.0))
+            continue
+        point = solve_budget(vc, vr, cum, min(own, 1.0), sweep_points=sweep)
+        test = evaluate_thresholds(tc, tr, cum, point.thresholds)
+        pts.append((test.accuracy, test.expected_flops / static_flops, test.expected_flops))
+    return pts, [float(r.mean()) for r in tr]
+
+
+def _auc(budgets, accs, lo, hi) -> float:
+    b = np.asarray(budgets)
+    sel = (b >= lo - 1e-9) & (b <= hi + 1e-9)
+    return float(np.trapezoid(np.asarray(accs)[sel], b[sel]) / (hi - lo))
+
+
+def _paired(a, b):
+    """Mean and std of a - b over seeds and the paired t-test's two-sided p (NaN when undefined)."""
+    from scipy import stats
+
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    p = float(stats.ttest_rel(a, b).pvalue) if len(d) > 1 and np.std(d) > 0 else float("nan")
+    return float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0, p
+
+
+def analyse(runs, int8, protocol, variants, static_name, log) -> dict:
+    from dmpo_edge.models import load_checkpoint
+
+    seeds = sorted({s for (_, s) in runs})
+    budgets = protocol["budgets"]
+    chance = 0.1
+    metas = {key: load_checkpoint(path)[1] for key, (path, _) in runs.items()}
+    static_flops = {s: float(metas[(static_name, s)]["metrics"]["cumulative_flops"][-1]) for s in seeds}
+    res = {"budgets": budgets, "seeds": seeds, "static_mflops": static_flops[seeds[0]] / 1e6, "variants": {}}
+    for name in variants:
+        per = {"curve": [], "exit_acc": [], "val_exit_acc": [], "auc": [], "tune_seconds": [], "at": {}}
+        for s in seeds:
+            meta = metas[(name, s)]
+            pts, exit_acc = _curve(meta, runs[(name, s)][1], static_flops[s], budgets, chance)
+            per["curve"].append(pts)
+            per["exit_acc"].append(exit_acc)
+            per["val_exit_acc"].append(meta["metrics"]["exit_accuracy"])
+            per["tune_seconds"].append(meta["metrics"]["tune_seconds"])
+            per["auc"].append(_auc(budgets, [p[0] for p in pts], *protocol["auc_range"]))
+        meta = metas[(name, seeds[0])]
+        cum = np.asarray(meta["metrics"]["cumulative_flops"], np.float64)
+        per["exit_mflops"] = (cum / 1e6).tolist()
+        per["exit_share"] = (cum / static_flops[seeds[0]]).tolist()
+        per["exits"] = meta["config"]["exits"]
+        model, _ = load_checkpoint(runs[(name, seeds[0])][0])
+        per["head_params"] = [sum(p.numel() for p in e.parameters()) for e in model.exits]
+        per["config"] = {k: meta["config"][k] for k in ("early_head", "bypass", "bypass_detach", "head_widths")}
+        per["loss_schedule"] = meta["loss_schedule"]["mode"]
+        for b in protocol["report_budgets"]:
+            i = budgets.index(b)
+            per["at"][str(b)] = [c[i] for c in per["curve"]]
+        res["variants"][name] = per
+        log(f"analysed {name}: AUC {np.mean(per['auc']):.4f}, final exit {np.mean([e[-1] for e in per['exit_acc']]):.4f}")
+    # paired comparisons against DMPO (the same seed = the same training subset and initialisation of shared parts)
+    dm = res["variants"]["DMPO"]
+    comps = {}
+    for name, per in res["variants"].items():
+        if name == "DMPO":
+            continue
+        row = {}
+        for b in protocol["report_budgets"]:
+            row[f"acc@{b}"] = _paired([p[0] for p in dm["at"][str(b)]], [p[0] for p in per["at"][str(b)]])
+        row["auc"] = _paired(dm["auc"], per["auc"])
+        row["final"] = _paired([e[-1] for e in dm["exit_acc"]], [e[-1] for e in per["exit_acc"]])
+        comps[name] = row
+    res["dmpo_minus"] = comps
+    res["int8"] = {str(s): v for s, v in int8.items()}
+    return res
+
+
+def _ms(values, scale=100.0, digits=2) -> str:
+    v = np.asarray(values, np.float64) * scale
+    return f"{v.mean():.{digits}f} +- {v.std(ddof=1) if len(v) > 1 else 0.0:.{digits}f}"
+
+
+def plot(res, path=PLOT) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b = np.asarray(res["budgets"]) * 100
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    for name, per in res["variants"].items():
+        acc = np.asarray([[p[0] for p in c] for c in per["curve"]]) * 100
+        m, s = acc.mean(0), acc.std(0, ddof=1) if len(acc) > 1 else np.zeros(acc.shape[1])
+        style = "-" if name == "DMPO" or name.startswith("plain") or name.startswith("static") else "--"
+        (line,) = ax.plot(b, m, style, lw=2 if name == "DMPO" else 1.3, label=name, drawstyle="steps-post" if name.startswith("static") else None)
+        ax.fill_between(b, m - s, m + s, color=line.get_color(), alpha=0.15, step="post" if name.startswith("static") else None)
+    ax.set_xlabel("FLOPs budget, % of the static model (trunk + final exit), thresholds fitted on val")
+    ax.set_ylabel("accuracy on fashion-mnist:test (%)")
+    ax.set_title(f"Fashion-MNIST, EfficientNet-Lite0 + PEFT, mean +- std over {len(res['seeds'])} seeds")
+    ax.set_ylim(bottom=max(0, ax.get_ylim()[0]))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _int8_rows(res) -> list:
+    rows = []
+    dm = res["variants"]["DMPO"]
+    for s in res["seeds"]:
+        rep = res["int8"].get(str(s))
+        if rep is None:
+            continue
+        fp32 = dm["exit_acc"][res["seeds"].index(s)]
+        if "error" in rep:
+            rows.append(f"| {s} | INT8 bundle failed: {rep['error'][:160]} |")
+            continue
+        int8 = [e["accuracy"] for e in rep["exits"]]
+        cells = " | ".join(f"{100 * a:.2f} / {100 * q:.2f} ({100 * (q - a):+.2f})" for a, q in zip(fp32, int8))
+        rows.append(f"| {s} | {cells} |")
+    return rows
+
+
+def verdict(res) -> str:
+    c = res["dmpo_minus"]
+    parts = []
+    for name in ("plain multi-exit", "plain, size-matched first-order heads"):
+        row = c[name]
+        bits = []
+        for key, label in (("acc@0.3", "at 30%"), ("acc@0.5", "at 50%"), ("auc", "AUC 20-100%")):
+            m, s, p = row[key]
+            sig = "p < 0.05" if p < 0.05 else f"p = {p:.2f}, not significant" if p == p else "no spread"
+            bits.append(f"{label} {100 * m:+.2f} +- {100 * s:.2f} points ({sig})")
+        parts.append(f"DMPO minus {name}: " + "; ".join(bits) + ".")
+    st = res["variants"]["static (final exit only)"]
+    dm = res["variants"]["DMPO"]
+    s_acc = np.mean([e[-1] for e in st["exit_acc"]])
+    at50 = np.mean([p[0] for p in dm["at"]["0.5"]])
+    parts.append(f"Against the static model ({100 * s_acc:.2f}% at 100% of its FLOPs), DMPO gives {100 * at50:.2f}% "
+                 f"at a 50% budget.")
+    return " ".join(parts)
+
+
+def section(res, protocol) -> str:
+    import torch
+
+    r = res["run"]
+    names = list(res["variants"])
+    budgets = protocol["report_budgets"]
+    when = _dt.date.today().isoformat()
+    lines = [
+        SECTION, "",
+        f"Generated by `python benchmarks/fashion_mnist.py` on {r['started']}: **{r['seconds'] / 60:.0f} min** wall clock on "
+        f"{r['cores']} shared CPU cores, load average {r['load_start']:.1f} at the start, {r['load_end']:.1f} at the end "
+        f"({r['load_mean']:.1f} mean of the samples taken between models); {platform.machine()}, Python "
+        f"{platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}. Written {when}.",
+        "",
+        f"Protocol (fixed in the script before any test result was looked at): pre-trained EfficientNet-Lite0 (frozen, "
+        f"BatchNorm in eval mode) + the same PEFT for every model (adapters width 32, LoRA rank 8), "
+        f"{protocol['image_size']} x {protocol['image_size']} input, exits after blocks {protocol['exits']}, "
+        f"{protocol['epochs']} epochs, batch {protocol['batch_size']}, AdamW {protocol['lr']:g} cosine; trained on a stratified "
+        f"{protocol['train_count']}-image subset of `fashion-mnist:train` (seeded by the run's seed: the same images for every "
+        f"variant of a seed, so comparisons are paired), seeds {protocol['seeds']}. Thresholds: `solve_budget` on "
+        f"{protocol['val_count']} images of `fashion-mnist:val` (a fixed stratified subset); every figure below is on a fixed "
+        f"stratified {protocol['test_count']}-image subset of `fashion-mnist:test` (the same images for every model), which "
+        f"tuning and threshold fitting never see. Cost: expected per-sample FLOPs on test (early heads on the way included), as a share "
+        f"of **one** denominator, the static model = trunk + final exit = {res['static_mflops']:.2f} MFLOPs. "
+        "A budget below a model's first exit scores a guess (10%). Mean +- standard deviation over seeds; "
+        "p = paired t-test over seeds (DMPO minus the variant).",
+        "",
+        "![accuracy versus FLOPs](img/fashion_mnist_accuracy_vs_flops.png)",
+        "",
+        "| variant | " + " | ".join(f"acc. at {int(100 * b)}% (cost)" for b in budgets) + " | AUC 20-100% | final exit |",
+        "| --- | " + " | ".join("---:" for _ in budgets) + " | ---: | ---: |",
+    ]
+    for name in names:
+        per = res["variants"][name]
+        cells = []
+        for b in budgets:
+            pts = per["at"][str(b)]
+            if all(p[1] == 0.0 for p in pts):
+                cells.append("unreachable")
+            else:
+                cells.append(f"{_ms([p[0] for p in pts])} ({100 * np.mean([p[1] for p in pts]):.0f}%, "
+                             f"{np.mean([p[2] for p in pts]) / 1e6:.2f} MF)")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_ms(per['auc'])} | {_ms([e[-1] for e in per['exit_acc']])} |")
+    lines += ["", "Per exit: test accuracy (mean +- std), cumulative MFLOPs and share of the static model, early-head parameters.", "",
+              "| variant | " + " | ".join(f"exit {k}" for k in range(len(protocol["exits"]))) + " | early-head params | tune s |",
+              "| --- | " + " | ".join("---:" for _ in protocol["exits"]) + " | ---: | ---: |"]
+    for name in names:
+        per = res["variants"][name]
+        acc = np.asarray(per["exit_acc"])
+        cells = []
+        for k in range(len(protocol["exits"])):
+            if k < acc.shape[1]:
+                j = k if acc.shape[1] > 1 else 0
+                cells.append(f"{_ms(acc[:, j])}% @ {per['exit_mflops'][j]:.2f} MF ({100 * per['exit_share'][j]:.0f}%)")
+            else:
+                cells.append("")
+        if acc.shape[1] == 1:  # the static model: its one exit is the last column
+            cells = [""] * (len(protocol["exits"]) - 1) + [cells[0]]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {per['head_params']} | {np.mean(per['tune_seconds']):.0f} |")
+    lines += ["", "DMPO minus each variant, paired over seeds (points; p):", "",
+              "| variant | " + " | ".join(f"at {int(100 * b)}%" for b in budgets) + " | AUC | final exit |",
+              "| --- | " + " | ".join("---:" for _ in budgets) + " | ---: | ---: |"]
+    for name, row in res["dmpo_minus"].items():
+        cells = [f"{100 * m:+.2f} +- {100 * s:.2f} (p {p:.2f})" for m, s, p in
+                 [row[f"acc@{b}"] for b in budgets] + [row["auc"], row["final"]]]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    rows = _int8_rows(res)
+    if rows:
+        lines += ["", "DMPO, FP32 (torch) against INT8 (`dmpo-edge compile --int8`, calibrated on "
+                  f"{protocol['int8_calib_count']} training images, run by ONNX Runtime on this CPU) per exit on test: "
+                  "FP32 / INT8 (difference, points).", "",
+                  "| seed | " + " | ".join(f"exit {k}" for k in range(len(protocol["exits"]))) + " |",
+                  "| --- | " + " | ".join("---:" for _ in protocol["exits"]) + " |"] + rows
+    lines += ["", f"**What the data shows.** {verdict(res)}", "",
+              "The digits sections below are a quick sanity check of the same code on 8 x 8 images; they cannot tell "
+              "the variants apart (every exit is at 92-100% there).", ""]
+    return "\n".join(lines)
+
+
+def write(res, protocol, docs: bool = True, out_dir: str | None = None) -> str:
+    plot(res, PLOT if docs or out_dir is None else os.path.join(out_dir, os.path.basename(PLOT)))
+    text = section(res, protocol)
+    if not docs:
+        return text
+    with open(DOC) as f:
+        doc = f.read()
+    head, sep, rest = doc.partition("\n## ")
+    body = sep.lstrip("\n") + rest if sep else ""
+    if body.startswith(SECTION):  # replace our own earlier section
+        nxt = body.find("\n## ", 1)
+        body = body[nxt + 1:] if nxt >= 0 else ""
+    new = head.rstrip("\n") + "\n\n" + text + "\n" + ("\n" + body if body else "")
+    tmp = DOC + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(new)
+    os.replace(tmp, DOC)
+    return text
