@@ -194,6 +194,9 @@ def main() -> int:
     ap.add_argument("--force", action="store_true", help="tune everything again")
     ap.add_argument("--smoke", action="store_true",
                     help="check the pipeline in minutes: tiny sizes, 2 seeds, 500 test images, out/fashion_mnist_smoke, no docs")
+    ap.add_argument("--worker", metavar="SEEDS", default=None,
+                    help="only tune and evaluate these seeds (comma-separated), variants in reverse order, no report: "
+                         "a second process that shares the work of the main run (it reuses whatever this one finished)")
     args = ap.parse_args()
     global OUT
     if args.smoke:
@@ -220,10 +223,15 @@ def main() -> int:
     train_all, val, test = data(PROTOCOL["test_count"])
     runs = {}
     # seed-major: an interrupted run has every variant for the seeds it finished
-    for seed in PROTOCOL["seeds"]:
-        for name in VARIANTS:
+    seeds = [int(v) for v in args.worker.split(",")] if args.worker else PROTOCOL["seeds"]
+    names = list(VARIANTS)[::-1] if args.worker else list(VARIANTS)
+    for seed in seeds:
+        for name in names:
             path = tune_one(name, seed, train_all, val, log)
             runs[(name, seed)] = (path, logits_one(path, val, test, log))
+    if args.worker:
+        log(f"worker for seeds {seeds} done")
+        return 0
     int8 = {}
     if not args.no_int8:
         for seed in PROTOCOL["int8_seeds"]:
