@@ -1,12 +1,18 @@
 """``model.pt`` -> bundle: split, export, simplify, check parity, set precision, check ops, report, write.
 
+One piece at over 500 lines on purpose: :func:`compile_model` is one transaction (one scratch folder, one progress
+bar, one :func:`~dmpo_edge.bundle.atomic_directory`), and the precision plan below it (``_apply_precision``,
+``_Downstream``, ``_int8``) steers that transaction's FP32 chains and scratch files between the modules that do the
+graph work (export, fp16, int8, report). Should the plan grow further, it moves to a module of its own.
+
 Python API::
 
     from dmpo_edge.compile import compile_bundle
     bundle = compile_bundle("out/model.pt", "out/bundle_int8", precision="int8", calib="digits:train")
 
 Everything happens inside :func:`dmpo_edge.bundle.atomic_directory`: the bundle appears complete or not at all,
-and an existing output is refused unless ``force``.
+and an existing output is refused unless ``force``. (Over 500 lines: the per-stage INT8 choice and its scoring share
+the compile's held-out FP32 chain and scratch space; the quantizers, reports and sensitivity have their own modules.)
 """
 
 from __future__ import annotations
@@ -30,22 +36,22 @@ from .export import DEFAULT_OPSET, check_model, export_stage, simplify
 from .graph import (
     drop_output, ensure_node_names, exit_head_nodes, io_specs, is_second_order_head, load_model, opset_of, save_model,
 )
-from .onnxrun import run_chain
+from .onnxrun import HOST_KERNELS, SIMULATED_QDQ_NAME, run_chain
 from .opcheck import check_tensorrt_ops
 from .parity import PARITY_TOL, stage_parity
-from .report import loud_warnings, precision_report
+from .report import MAX_EXIT_DROP_POINTS, budget_error, loud_warnings, precision_report
 from .stages import FEATURES, FEATURES_IN, split_stages
 
 __all__ = ["compile_bundle", "compile_model", "tool_versions", "PRECISIONS", "stage_flops"]
 
 PRECISIONS = ("fp32", "fp16", "int8")
 PARITY_IMAGES = 64
-#: a stage whose INT8 form loses more than this many points at its exit or a later one (held-out data, the other
-#: stages FP32) is requantized with its most sensitive layers kept FP32, and the best form is kept
-INT8_DROP_POINTS = 0.5
+#: a stage whose INT8 form loses more than the budget (``max_exit_drop``) at its exit or a later one (held-out data,
+#: the other stages FP32) is requantized with its most sensitive layers kept FP32, and the best form is kept; a
+#: CPU-form candidate over the budget is not chosen when another keeps within it
+INT8_DROP_POINTS = MAX_EXIT_DROP_POINTS
 CPU_TIMING_BATCH = 32
-#: a CPU-form candidate that loses more than this (same measure) is not chosen when another keeps within it
-CPU_DROP_POINTS = 0.5
+CPU_DROP_POINTS = MAX_EXIT_DROP_POINTS
 
 
 def tool_versions() -> dict:
@@ -100,7 +106,7 @@ def _progress(total: int, enabled: bool):
     return _Null()
 
 
-def _check_args(precision, exit_policy, max_batch, calib_count, out_dir, force):
+def _check_args(precision, exit_policy, max_batch, calib_count, out_dir, force, max_exit_drop=MAX_EXIT_DROP_POINTS):
     if precision not in PRECISIONS:
         raise DmpoEdgeError("compile", f"unknown precision '{precision}'. Expected one of {', '.join(PRECISIONS)}")
     if exit_policy not in POLICIES:
@@ -109,6 +115,9 @@ def _check_args(precision, exit_policy, max_batch, calib_count, out_dir, force):
         raise DmpoEdgeError("compile", f"--max-batch {max_batch!r} must be an integer in 1..65536")
     if not isinstance(calib_count, int) or calib_count < 1:
         raise DmpoEdgeError("compile", f"--calib-count {calib_count!r} must be a positive integer")
+    if (isinstance(max_exit_drop, bool) or not isinstance(max_exit_drop, (int, float))
+            or not 0.0 <= float(max_exit_drop) <= 100.0):
+        raise DmpoEdgeError("compile", f"--max-exit-drop {max_exit_drop!r} must be a number of accuracy points in 0..100")
     if os.path.exists(out_dir) and not force:
         raise DmpoEdgeError("compile", f"output '{os.path.abspath(out_dir)}' already exists. Pass --force to replace it or choose another -o")
 
@@ -132,11 +141,19 @@ def compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", cali
                   opset: int = DEFAULT_OPSET, exporter: str = "auto", calib_method: str = "entropy", fp16_tool: str = "auto",
                   int8_tool: str = "auto", cpu_format: str = "auto", parity_tol: float = PARITY_TOL, build: str = "auto",
                   name: str | None = None, source: dict | None = None, progress: bool = True, build_options: dict | None = None,
-                  holdout_count: int = 1000, log=None) -> Bundle:
-    """Compile an in-memory :class:`EarlyExitModel` with its checkpoint ``meta`` into a bundle at ``out_dir``."""
+                  holdout_count: int = 1000, log=None, max_exit_drop: float = MAX_EXIT_DROP_POINTS,
+                  accept_drop: bool = False, sensitivity: bool = False) -> Bundle:
+    """Compile an in-memory :class:`EarlyExitModel` with its checkpoint ``meta`` into a bundle at ``out_dir``.
+
+    ``max_exit_drop``: accuracy points an FP16/INT8 form may lose at any exit (held-out data; the TensorRT form
+    judged as TensorRT computes it, the CPU form with this host's kernels); a miss raises :class:`DmpoEdgeError`
+    and writes nothing, unless ``accept_drop``. ``sensitivity``: always write the INT8 layer-wise sensitivity report
+    (it is written anyway when an accepted INT8 bundle misses the budget).
+    """
     t_start = time.perf_counter()
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    _check_args(precision, exit_policy, max_batch, calib_count, out_dir, force)
+    _check_args(precision, exit_policy, max_batch, calib_count, out_dir, force, max_exit_drop)
+    max_exit_drop = float(max_exit_drop)
     torch = require("torch", "compiling a model")
     K = int(model.num_stages)
     classes = [str(c) for c in meta.get("classes") or []]
@@ -214,7 +231,7 @@ def compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", cali
             t0 = time.perf_counter()
             stage_files, cpu_files, prec = _apply_precision(
                 precision, K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, opset, calib_method,
-                fp16_tool, int8_tool, cpu_format, bar,
+                fp16_tool, int8_tool, cpu_format, bar, max_exit_drop,
             )
             timings["precision_s"] = time.perf_counter() - t0
 
@@ -229,11 +246,31 @@ def compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", cali
             reports = {"parity": "reports/parity.json"}
             prec_report = None
             if precision != "fp32" and hold_chain is not None:
-                variants = {precision: run_chain(stage_files, data.holdout_x)}
+                # the TensorRT form as TensorRT computes it; the CPU form with the kernels that will run it
+                variants = {precision: run_chain(stage_files, data.holdout_x, simulate_qdq=precision == "int8")}
+                references = {precision: SIMULATED_QDQ_NAME if precision == "int8" else "onnxruntime CPU"}
                 if cpu_files:
                     variants[f"{precision}-cpu"] = run_chain(cpu_files, data.holdout_x)
-                prec_report = precision_report(hold_chain, variants, data.holdout_y, data.holdout_info)
+                    references[f"{precision}-cpu"] = f"{HOST_KERNELS} ({prec['cpu_variant']['target_isa']['isa']})"
+                prec_report = precision_report(hold_chain, variants, data.holdout_y, data.holdout_info, references,
+                                               max_exit_drop)
                 reports["precision"] = "reports/precision.json"
+                if prec_report["misses"] and not accept_drop:
+                    raise budget_error(prec_report, precision)
+                prec["budget"] = {"max_exit_drop_points": max_exit_drop, "ok": prec_report["ok"],
+                                  "accepted_misses": prec_report["misses"]}
+                if precision == "int8" and (sensitivity or prec_report["misses"]):
+                    bar.set_postfix_str("int8 sensitivity")
+                    sens = _sensitivity(fp32_paths, stage_files, cpu_files, prec, prec_report, hold_chain, data, scratch,
+                                        max_exit_drop, "asked for (--sensitivity)" if sensitivity else
+                                        "the INT8 bundle misses its accuracy budget (accepted with --accept-drop)")
+                    write_json_atomic(os.path.join(bundle_dir, "reports", "sensitivity.json"), sens)
+                    reports["sensitivity"] = "reports/sensitivity.json"
+                    timings["sensitivity_s"] = time.perf_counter() - t0
+            elif precision != "fp32":
+                prec["budget"] = {"max_exit_drop_points": max_exit_drop, "ok": None,
+                                  "why": "not checked: no held-out data"}
+                log(f"precision budget not checked: no held-out data (pass --holdout) for the {precision} accuracy report")
             bar.update()
             timings["report_s"] = time.perf_counter() - t0
 
@@ -310,7 +347,7 @@ def _flops(meta: dict, modules, x, K) -> list:
 
 
 def _apply_precision(precision, K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, opset, calib_method,
-                     fp16_tool, int8_tool, cpu_format, bar):
+                     fp16_tool, int8_tool, cpu_format, bar, max_exit_drop=MAX_EXIT_DROP_POINTS):
     """Per-stage precision conversion; returns (stage files, cpu variant files or None, precision record)."""
     if precision == "fp32":
         for _ in range(K):
@@ -347,7 +384,8 @@ def _apply_precision(precision, K, fp32_paths, heads, scratch, calib_chain, hold
             "tool": tools[0] if len(tools) == 1 else tools, "per_stage": per_stage,
             "calibration": data.calib_info, "holdout": data.holdout_info,
         }
-    return _int8(K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, calib_method, int8_tool, cpu_format, bar)
+    return _int8(K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, calib_method, int8_tool, cpu_format, bar,
+                 max_exit_drop)
 
 
 class _Downstream:
@@ -355,6 +393,8 @@ class _Downstream:
 
     The score is the worst accuracy loss (points) over exits k..K-1 against the FP32 chain (1 - agreement when
     the held-out data has no labels): a stage's error also reaches every later exit through its features.
+    ``simulate_qdq``: run the candidate as TensorRT computes it (the TensorRT form); else with this host's
+    integer kernels (the CPU form).
     """
 
     def __init__(self, fp32_paths, hold_chain, x, labels):
@@ -365,11 +405,11 @@ class _Downstream:
         self.ref_acc = None if labels is None else [
             float((np.asarray(c["prediction"]).astype(np.int64) == labels).mean()) for c in hold_chain]
 
-    def __call__(self, k: int, path: str) -> dict:
+    def __call__(self, k: int, path: str, simulate_qdq: bool = False) -> dict:
         from .int8 import batched_feeds
         from .onnxrun import input_feeds, session
 
-        sessions = [session(path)] + self.fp32[k + 1:]
+        sessions = [session(path, simulate_qdq=simulate_qdq)] + self.fp32[k + 1:]
         preds = [[] for _ in sessions]
         for f in batched_feeds(_stage_inputs(self.chain, k, self.x), 64):
             feeds = f
@@ -388,12 +428,16 @@ class _Downstream:
                 drops.append(100.0 * (self.ref_acc[k + j] - acc))
             else:
                 drops.append(100.0 * (1.0 - agree))
-        return {"drop_points": max(drops), "exit_accuracy": accs or None, "stage_exit_drop_points": drops[0]}
+        return {"drop_points": max(drops), "exit_accuracy": accs or None, "stage_exit_drop_points": drops[0],
+                "exit_drop_points": drops}
 
 
-def _int8(K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, calib_method, int8_tool, cpu_format, bar):
+def _int8(K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, calib_method, int8_tool, cpu_format, bar,
+          max_exit_drop=MAX_EXIT_DROP_POINTS):
+    from ..cpu_isa import detect
     from .int8 import (
-        CPU_FORMATS, batched_feeds, image_layer_nodes, quantize_cpu_form, quantize_tensorrt_form, time_sessions,
+        CPU_FORMATS, CPU_WEIGHT_SCHEMES, batched_feeds, cpu_weight_scheme, image_layer_nodes, quantize_cpu_form,
+        quantize_tensorrt_form, time_sessions,
     )
 
     out_dir = os.path.join(scratch, "int8")
@@ -423,11 +467,11 @@ def _int8(K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, calib_me
             if score is None:
                 best = (label, exclude, dst, None)
                 break
-            res = score(k, dst)
+            res = score(k, dst, simulate_qdq=True)
             rec["candidates"][label] = res
             if best is None or res["drop_points"] < best[3]["drop_points"] - 1e-9:
                 best = (label, exclude, dst, res)
-            if best[3]["drop_points"] <= INT8_DROP_POINTS:
+            if best[3]["drop_points"] <= max_exit_drop:
                 break
         label, exclude, dst, _ = best
         rec.update({"tool": tool, "kept_fp32": label, "fp32_nodes": len(exclude),
@@ -443,6 +487,8 @@ def _int8(K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, calib_me
     if any(f not in CPU_FORMATS for f in formats):
         raise DmpoEdgeError("int8", f"unknown --cpu-format '{cpu_format}'. Expected auto, QDQ or QOperator")
     cpu_files, cpu_stages = [], []
+    host_isa = detect()
+    weights = cpu_weight_scheme(host_isa)
     for k in range(K):
         bar.set_postfix_str(f"int8 cpu form stage {k}")
         feeds = batched_feeds(_stage_inputs(calib_chain, k, data.calib_x), 32)
@@ -452,7 +498,7 @@ def _int8(K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, calib_me
         for fmt in formats:
             dst = os.path.join(scratch, "int8", f"stage_{k}.{fmt}.cpu.onnx")
             try:
-                quantize_cpu_form(fp32_paths[k], dst, feeds, keep_fp32, fmt, calib_method)
+                quantize_cpu_form(fp32_paths[k], dst, feeds, keep_fp32, fmt, calib_method, weights)
                 made[fmt] = dst
             except Exception as exc:  # a form ORT cannot produce for this graph is skipped; the other may work
                 rec["candidates"][fmt] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
@@ -464,7 +510,7 @@ def _int8(K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, calib_me
             if score is not None:
                 c.update(score(k, dst))
             rec["candidates"][fmt] = c
-        ok = {f: c for f, c in rec["candidates"].items() if "ms" in c and c.get("drop_points", 0.0) <= CPU_DROP_POINTS}
+        ok = {f: c for f, c in rec["candidates"].items() if "ms" in c and c.get("drop_points", 0.0) <= max_exit_drop}
         if ok:
             chosen = min(ok, key=lambda f: ok[f]["ms"])
         elif made:
@@ -480,7 +526,8 @@ def _int8(K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, calib_me
               "cpu_variant": sum(r["candidates"].get(r["format"], {}).get("ms", r["tensorrt_form_ms"]) for r in cpu_stages),
               "tensorrt_form": sum(r["tensorrt_form_ms"] for r in cpu_stages)}
     cpu_record = {"format": formats_used[0] if len(formats_used) == 1 else formats_used,
-                  "activations": "uint8 asymmetric (per tensor)", "weights": "int8 symmetric per channel",
+                  "activations": "uint8 asymmetric (per tensor)", "weights": CPU_WEIGHT_SCHEMES[weights],
+                  "weight_scheme": weights, "target_isa": dict(host_isa), "measured_with": HOST_KERNELS,
                   "fp32_layers": "the layer that reads the image, and whatever the TensorRT form kept in FP32",
                   "tool": "onnxruntime.quantization.quantize_static", "timing_batch": CPU_TIMING_BATCH,
                   "timings_ms": {k: round(v, 3) for k, v in totals.items()}, "per_stage": cpu_stages}
@@ -494,6 +541,23 @@ def _int8(K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, calib_me
         "per_stage": per_stage,
         "cpu_variant": cpu_record,
     }
+
+
+def _sensitivity(fp32_paths, stage_files, cpu_files, prec, report, hold_chain, data, scratch, budget, why) -> dict:
+    """Layer-wise sensitivity of the TensorRT form (faithful reference) and, where it misses the budget or was
+    asked for, of the CPU form's QDQ stages (this host's kernels; QOperator stages cannot be taken apart)."""
+    from .sensitivity import sensitivity_report, stage_sensitivity
+
+    score = _Downstream(fp32_paths, hold_chain, data.holdout_x, data.holdout_y)
+    K = len(fp32_paths)
+    forms = {"int8": {"measured_with": SIMULATED_QDQ_NAME, "stages": [
+        stage_sensitivity(k, fp32_paths[k], stage_files[k], score, scratch, simulate_qdq=True) for k in range(K)]}}
+    if cpu_files:
+        fmts = [r["format"] for r in prec["cpu_variant"]["per_stage"]]
+        forms["int8-cpu"] = {"measured_with": report["measured_with"].get("int8-cpu", HOST_KERNELS), "stages": [
+            stage_sensitivity(k, fp32_paths[k], cpu_files[k], score, scratch, simulate_qdq=False) if fmts[k] == "QDQ"
+            else [] for k in range(K)]}
+    return sensitivity_report(forms, data.holdout_info, budget, why)
 
 
 def _maybe_build(bundle: Bundle, build: str, options: dict, log) -> None:
@@ -517,7 +581,8 @@ def compile_bundle(checkpoint_path: str, out_dir: str, precision: str = "fp32", 
                    calib_count: int = 256, holdout: str | None = None, max_batch: int = 64,
                    exit_policy: str = "max_softmax", force: bool = False, allow_pickle: bool = False, **kwargs) -> Bundle:
     """``model.pt`` -> verified :class:`Bundle` at ``out_dir`` (see :func:`compile_model` for the options)."""
-    _check_args(precision, exit_policy, max_batch, calib_count, out_dir, force)
+    _check_args(precision, exit_policy, max_batch, calib_count, out_dir, force,
+                kwargs.get("max_exit_drop", MAX_EXIT_DROP_POINTS))
     from ..models import load_checkpoint
 
     model, meta = load_checkpoint(checkpoint_path, allow_pickle=allow_pickle)

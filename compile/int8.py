@@ -7,7 +7,13 @@ Two forms of every stage:
   CPU execution provider); ONNX Runtime's ``quantize_static`` in the same symmetric form is the fallback.
   TensorRT 10/11 build it strongly typed: no INT8 flag, no calibrator.
 - ``stage_k.cpu.onnx`` for ONNX Runtime on the CPU: U8 asymmetric activations and S8 per-channel weights,
-  QDQ or QOperator, whichever runs faster here (measured and recorded).
+  QDQ or QOperator, whichever runs faster here (measured and recorded). The weights suit the CPU the bundle is
+  compiled on (:mod:`dmpo_edge.cpu_isa`): 7-bit on x86 without VNNI, where ONNX Runtime's U8 x S8 kernels
+  saturate 16-bit pair sums, full 8-bit elsewhere.
+
+The TensorRT form is judged with its Q/DQ simulated in float (``onnxrun.SIMULATED_QDQ``), never with the host's
+integer kernels: those differ from TensorRT on CPUs without VNNI. The CPU form is judged with the host's kernels,
+which is what will run it.
 
 Stage k is calibrated on what actually reaches it: the FP32 features of stage k-1 on the calibration images,
 fed with ``keep_idx = arange``.
@@ -31,11 +37,17 @@ from .graph import ensure_node_names, load_model, save_model
 
 __all__ = [
     "make_reader", "quantize_tensorrt_form", "quantize_cpu_form", "time_session", "time_sessions", "CALIB_METHODS",
-    "CPU_FORMATS", "batched_feeds", "image_layer_nodes",
+    "CPU_FORMATS", "CPU_WEIGHT_SCHEMES", "cpu_weight_scheme", "batched_feeds", "image_layer_nodes",
 ]
 
 CALIB_METHODS = ("entropy", "max", "percentile")
 CPU_FORMATS = ("QDQ", "QOperator")
+#: weight schemes of the CPU form (activations are always U8 asymmetric per tensor)
+CPU_WEIGHT_SCHEMES = {
+    "s8": "int8 symmetric per channel",
+    "s8-7bit": "int8 symmetric per channel, 7-bit range (no int16 saturation in U8 x S8 kernels without VNNI)",
+    "u8": "uint8 asymmetric per channel (U8U8 kernels, no int16 saturation)",
+}
 # ops whose weights carry the work; quantizing only these keeps the CPU form accurate and fast
 CPU_OPS = ["Conv", "MatMul", "Gemm"]
 
@@ -173,20 +185,39 @@ def quantize_tensorrt_form(src: str, dst: str, feeds: list, exclude=(), method: 
         raise DmpoEdgeError("int8", "no INT8 quantizer worked (" + "; ".join(errors) + "). Install 'dmpo-edge[quant]'")
 
 
-def quantize_cpu_form(src: str, dst: str, feeds: list, exclude=(), fmt: str = "QDQ", method: str = "max") -> None:
-    """U8-activation / S8-weight form for ONNX Runtime's CPU kernels (QDQ or QOperator) at ``dst``."""
+def cpu_weight_scheme(isa=None) -> str:
+    """The weight scheme for the CPU form on ``isa`` (default: this host): 7-bit S8 weights where ONNX Runtime's
+    U8 x S8 kernels saturate (x86 without VNNI), full-range S8 weights elsewhere."""
+    from ..cpu_isa import detect
+
+    isa = isa or detect()
+    return "s8-7bit" if isa["saturates_u8s8"] else "s8"
+
+
+def quantize_cpu_form(src: str, dst: str, feeds: list, exclude=(), fmt: str = "QDQ", method: str = "max",
+                      weights: str | None = None) -> dict:
+    """U8-activation form for ONNX Runtime's CPU kernels (QDQ or QOperator) at ``dst``; returns its scheme.
+
+    ``weights``: ``s8`` (full-range S8, per channel), ``s8-7bit`` (``reduce_range``: no int16 saturation on x86
+    without VNNI) or ``u8`` (U8U8: 16-bit products, also saturation-free there); default: what this host needs.
+    """
     q = require("onnxruntime.quantization", "INT8 CPU form")
     if fmt not in CPU_FORMATS:
         raise DmpoEdgeError("int8", f"unknown CPU format '{fmt}'. Expected one of {', '.join(CPU_FORMATS)}")
+    weights = weights or cpu_weight_scheme()
+    if weights not in CPU_WEIGHT_SCHEMES:
+        raise DmpoEdgeError("int8", f"unknown CPU weight scheme '{weights}'. Expected one of {', '.join(CPU_WEIGHT_SCHEMES)}")
     with _named_copy(src, "dmpo-int8cpu-") as named, quiet_tools():
         q.quantize_static(
             named, dst, make_reader(feeds),
             quant_format=q.QuantFormat.QDQ if fmt == "QDQ" else q.QuantFormat.QOperator,
             op_types_to_quantize=CPU_OPS, per_channel=True, activation_type=q.QuantType.QUInt8,
-            weight_type=q.QuantType.QInt8, nodes_to_exclude=list(exclude),
+            weight_type=q.QuantType.QUInt8 if weights == "u8" else q.QuantType.QInt8,
+            reduce_range=weights == "s8-7bit", nodes_to_exclude=list(exclude),
             calibrate_method=_ort_method("max" if method == "entropy" else method),
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, "MatMulConstBOnly": True},
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": weights != "u8", "MatMulConstBOnly": True},
         )
+    return {"format": fmt, "weights": weights, "description": CPU_WEIGHT_SCHEMES[weights]}
 
 
 def image_layer_nodes(model, image_input: str = "input") -> list:

@@ -11,15 +11,29 @@ import numpy as np
 
 from .._lazy import require
 
-__all__ = ["session", "run_chain", "input_feeds"]
+__all__ = ["session", "run_chain", "input_feeds", "SIMULATED_QDQ", "SIMULATED_QDQ_NAME", "HOST_KERNELS"]
+
+#: How the TensorRT (Q/DQ) form is judged on the CPU. ONNX Runtime normally fuses DequantizeLinear -> op ->
+#: QuantizeLinear into its integer kernels; on x86 without VNNI those U8S8/S8S8 kernels (``vpmaddubsw``) saturate
+#: pairwise sums at int16, which TensorRT (32-bit accumulation) never does. With these session options ONNX Runtime
+#: applies every Q/DQ pair as quantize-then-dequantize in float and runs the layers in FP32: the same rounding and
+#: clipping as TensorRT, on any CPU. (``disable_double_qdq_remover``: that pass rewrites back-to-back Q/DQ pairs.)
+SIMULATED_QDQ = {"session.disable_quant_qdq": "1", "session.disable_double_qdq_remover": "1"}
+SIMULATED_QDQ_NAME = ("onnxruntime CPU, Q/DQ simulated in float (session.disable_quant_qdq=1, "
+                      "session.disable_double_qdq_remover=1): the rounding and clipping TensorRT applies, no integer kernels")
+HOST_KERNELS = "onnxruntime CPU, this host's integer kernels"
 
 
-def session(path: str, threads: int | None = None):
+def session(path: str, threads: int | None = None, simulate_qdq: bool = False):
+    """A CPU ONNX Runtime session; ``simulate_qdq``: the faithful reference for the TensorRT form (see above)."""
     ort = require("onnxruntime", "running stage graphs")
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = int(threads)
+    if simulate_qdq:
+        for key, value in SIMULATED_QDQ.items():
+            so.add_session_config_entry(key, value)
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
@@ -37,13 +51,17 @@ def input_feeds(sess, k: int, x, keep_idx=None) -> dict:
     return {feat: x, "keep_idx": np.asarray(keep_idx, np.int32)}
 
 
-def run_chain(paths: list, x: np.ndarray, batch_size: int = 64, collect_inputs: bool = False, sessions=None) -> list:
+def run_chain(paths: list, x: np.ndarray, batch_size: int = 64, collect_inputs: bool = False, sessions=None,
+              simulate_qdq: bool = False) -> list:
     """All stages on all of ``x``; per stage a dict of ``logits``, ``confidence``, ``prediction`` arrays.
+
+    ``simulate_qdq``: run Q/DQ graphs as TensorRT computes them (float quantize-dequantize), not with the host's
+    integer kernels.
 
     With ``collect_inputs`` each dict also holds ``input``: what that stage received (images for stage 0, the
     previous stage's features otherwise), in the graph's own dtype.
     """
-    sessions = sessions or [session(p) for p in paths]
+    sessions = sessions or [session(p, simulate_qdq=simulate_qdq) for p in paths]
     K = len(sessions)
     parts = [{"logits": [], "confidence": [], "prediction": [], "input": []} for _ in range(K)]
     for lo in range(0, x.shape[0], batch_size):

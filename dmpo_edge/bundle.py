@@ -1,4 +1,4 @@
-"""The bundle: a directory that fully describes a deployment (see DESIGN.md, "The bundle").
+"""The bundle: a directory that fully describes a deployment (see docs/architecture.md, "The bundle").
 
 ``manifest.json`` is validated against :data:`SCHEMA` before anything is loaded, every file it
 names must stay inside the bundle and match its sha256, and every write goes through a temporary

@@ -115,7 +115,7 @@ def expected_cost(distribution, cumulative_flops) -> float:
 
 
 def ideal_speedup(distribution, cumulative_flops) -> float:
-    """Full-model FLOPs over expected FLOPs (DESIGN.md section 5). The full model runs every stage and every
+    """Full-model FLOPs over expected FLOPs (docs/architecture.md, "The performance model"). The full model runs every stage and every
     exit head, which is ``cumulative_flops[-1]`` (cumulative FLOPs count the trunk and all heads up to k)."""
     return float(cumulative_flops[-1]) / expected_cost(distribution, cumulative_flops)
 

@@ -40,11 +40,11 @@ def _digits_test(bundle, n=None):
     return bundle.preprocess(ds.images), ds.labels
 
 
-def _run(bundle, x, variant=None):
+def _run(bundle, x, variant=None, simulate_qdq=False):
     from dmpo_edge.compile.onnxrun import run_chain
 
     paths = [bundle.stage_path(k, variant) for k in range(bundle.num_stages)]
-    return run_chain(paths, x)
+    return run_chain(paths, x, simulate_qdq=simulate_qdq)
 
 
 # ---- FP32 ---------------------------------------------------------------------------------------------------------
@@ -167,6 +167,11 @@ def test_int8_cpu_form_is_u8_and_recorded(tiny_bundle_factory):
             assert r["stage"] == 0
     cpu = prec["cpu_variant"]
     assert cpu["timings_ms"]["fp32"] > 0 and cpu["timings_ms"]["cpu_variant"] > 0 and len(cpu["per_stage"]) == b.num_stages
+    # quantized for the CPU it was compiled on: 7-bit weights exactly where U8 x S8 kernels saturate
+    from dmpo_edge.compile.int8 import cpu_weight_scheme
+    from dmpo_edge.cpu_isa import detect
+
+    assert cpu["target_isa"] == dict(detect()) and cpu["weight_scheme"] == cpu_weight_scheme()
     for k, st in enumerate(b.stages):
         var = st["variants"]["cpu"]
         assert var["file"] == f"stage_{k}.cpu.onnx" and var["sha256"] != st["sha256"]
@@ -183,9 +188,12 @@ def test_int8_accuracy_report_matches_the_graphs(tiny_bundle_factory):
         rep = json.load(f)
     assert rep["data"]["source"] == "digits:test" and rep["data"]["count"] == 150
     assert set(rep["variants"]) == {"int8", "int8-cpu"}
+    # the TensorRT form is judged as TensorRT computes it, the CPU form with this host's kernels
+    assert "disable_quant_qdq" in rep["measured_with"]["int8"]
+    assert "integer kernels" in rep["measured_with"]["int8-cpu"]
     x, y = _digits_test(b, 150)
     for name, variant in (("int8", None), ("int8-cpu", "cpu")):
-        outs = _run(b, x, variant)
+        outs = _run(b, x, variant, simulate_qdq=name == "int8")
         for k, e in enumerate(rep["variants"][name]):
             acc = float((outs[k]["prediction"] == y).mean())
             assert e["accuracy"] == pytest.approx(acc)
@@ -259,6 +267,61 @@ def test_failed_compile_leaves_the_old_bundle(tiny_bundle_factory, tiny_checkpoi
     assert not [d for d in os.listdir(tmp_path) if d.startswith(".bundle")], "no temp folder left behind"
 
 
+@pytest.mark.slow
+def test_int8_budget_enforced_per_exit_and_sensitivity_when_accepted(tiny_bundle_factory, tiny_checkpoint, tmp_path):
+    """A miss of --max-exit-drop fails with one line naming exits and drops, and replaces nothing; accepted, the
+    bundle records the misses and carries the layer-wise sensitivity report."""
+    import shutil
+
+    from dmpo_edge.compile import compile_bundle
+    from dmpo_edge.compile.report import budget_misses
+
+    opts = dict(calib="digits:train", calib_count=64, holdout="digits:test", holdout_count=100, exporter="torchscript",
+                progress=False, build="never", cpu_format="QDQ")
+    b = compile_bundle(tiny_checkpoint, str(tmp_path / "accepted"), precision="int8", accept_drop=True, **opts)
+    with open(os.path.join(b.path, "reports", "precision.json")) as f:
+        rep = json.load(f)
+    worst = max(e["budget_points"] for v in rep["variants"].values() for e in v)
+    assert rep["max_exit_drop_points"] == 0.5 and rep["misses"] == budget_misses(rep)
+    assert b.manifest["precision"]["budget"]["accepted_misses"] == rep["misses"]
+    assert (rep["misses"] != []) == (worst > 0.5) and rep["ok"] == (worst <= 0.5)
+    if rep["misses"]:
+        with open(os.path.join(b.path, "reports", "sensitivity.json")) as f:
+            sens = json.load(f)
+        assert b.manifest["reports"]["sensitivity"] == "reports/sensitivity.json"
+        assert set(sens["forms"]) == {"int8", "int8-cpu"} and "disable_quant_qdq" in sens["forms"]["int8"]["measured_with"]
+        st0 = sens["forms"]["int8"]["stages"][0]["layers"]
+        assert st0 and all(set(r["exit_drop_points"]) == {str(k) for k in range(b.num_stages)} for r in st0)
+        assert [r["worst_points"] for r in st0] == sorted((r["worst_points"] for r in st0), reverse=True)
+    if worst <= 0:
+        pytest.skip("INT8 lost nothing at any exit on this CPU: no budget to miss")
+
+    out = str(tmp_path / "bundle")
+    shutil.copytree(tiny_bundle_factory("fp32").path, out)
+    before = Bundle.load(out).manifest
+    budget = round(worst - 0.01, 2)
+    with pytest.raises(DmpoEdgeError) as err:
+        compile_bundle(tiny_checkpoint, out, precision="int8", force=True, max_exit_drop=budget, **opts)
+    msg = str(err.value)
+    assert msg.startswith("compile | int8 loses more than") and "\n" not in msg and "--accept-drop" in msg
+    import re
+
+    # (the per-stage FP32 fallback follows the budget, so the graphs may differ from the accepted run's)
+    named = re.findall(r"(int8(?:-cpu)?) exit (\d) (-?\d+\.\d\d)", msg)
+    assert named and all(float(p) > budget for _, _, p in named), msg
+    assert Bundle.load(out).manifest == before
+    assert not [d for d in os.listdir(tmp_path) if d.startswith(".bundle")], "no temp folder left behind"
+
+
+def test_budget_argument_checked(tiny_checkpoint, tmp_path):
+    from dmpo_edge.compile import compile_bundle
+
+    for bad in (-1, float("nan"), "1", True):
+        with pytest.raises(DmpoEdgeError, match="--max-exit-drop"):
+            compile_bundle(tiny_checkpoint, str(tmp_path / "b"), precision="int8", calib="digits:train", max_exit_drop=bad)
+    assert not os.path.exists(tmp_path / "b")
+
+
 def test_calibration_folder_errors(tmp_path):
     from dmpo_edge.compile.data import load_compile_data
     from dmpo_edge.preprocess import Preprocess
@@ -327,9 +390,10 @@ def test_cli_compile_inspect_build_plan(tiny_checkpoint, tmp_path, capsys):
     out = str(tmp_path / "cli_bundle")
     rc = main(["compile", tiny_checkpoint, "--int8", "--calib", calib_dir, "--calib-count", "48", "-o", out,
                "--holdout", "digits:test", "--holdout-count", "40", "--exporter", "torchscript", "--max-batch", "32",
-               "--cpu-format", "QDQ", "--quiet"])
+               "--cpu-format", "QDQ", "--accept-drop", "--quiet"])
     cap = capsys.readouterr()
     assert rc == 0, cap.err
+    assert "int8 measured with onnxruntime CPU, Q/DQ simulated in float" in cap.out and "accuracy budget" in cap.out
     assert "parity" in cap.out and "4 stages, int8" in cap.out and "int8-cpu" in cap.out and "cpu variant" in cap.out
     assert len([ln for ln in cap.err.splitlines() if "dmpo-edge build" in ln and "target" in ln]) == 1
     b = Bundle.load(out)

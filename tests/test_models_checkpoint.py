@@ -2,9 +2,7 @@
 
 import json
 import os
-import warnings
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")

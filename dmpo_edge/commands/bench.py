@@ -11,17 +11,16 @@ import sys
 
 __all__ = ["add_arguments", "run"]
 
-BACKEND_CHOICES = ("auto", "ort", "trt")
 DIGIT_CLASSES = [str(i) for i in range(10)]
 RANDOM_SAMPLES = 512
 
 
 def add_arguments(p) -> None:
     from ..runtime.bench import DEFAULT_DURATION_S, DEFAULT_ITERATIONS, DEFAULT_SWEEP_BUDGETS, DEFAULT_WARMUP_MS
+    from .options import add_backend, add_bundle, add_data, add_in_flight, add_json_report, add_quiet, add_thresholds
 
-    p.add_argument("bundle", metavar="BUNDLE", help="bundle folder written by 'dmpo-edge compile'")
-    p.add_argument("--backend", default="auto",
-                   help="auto (TensorRT when engines for this device are built, else ONNX Runtime), ort or trt")
+    add_bundle(p)
+    add_backend(p)
     p.add_argument("--batch", default=None, metavar="B1,B2,...",
                    help="batch sizes (default 1,8,32, capped at the bundle's max batch)")
     p.add_argument("--warmup", type=float, default=DEFAULT_WARMUP_MS, metavar="MS",
@@ -32,9 +31,8 @@ def add_arguments(p) -> None:
     p.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS, metavar="N",
                    help=f"minimum timed iterations per configuration (default {DEFAULT_ITERATIONS}, as trtexec)")
     data = p.add_mutually_exclusive_group()
-    data.add_argument("--data", metavar="DIR|digits:test",
-                      help="images to feed: a folder (one sub-folder per class, or plain images) or digits[:split]. "
-                           "Default digits:test when the bundle's classes are the digits 0-9")
+    add_data(data, what="images to feed", labelled=False,
+             note="Default digits:test when the bundle's classes are the digits 0-9")
     data.add_argument("--random", action="store_true",
                       help="random inputs instead of images (exits on noise mean nothing: latency only)")
     p.add_argument("--samples", type=int, metavar="N", help="use a fixed random subset of N images (default all)")
@@ -42,7 +40,7 @@ def add_arguments(p) -> None:
     th.add_argument("--budget", type=float, metavar="X",
                     help="thresholds with the highest cost <= X of the full model's FLOPs on the bench data "
                          "(budgeted-batch points of the calibration sweep, label-free)")
-    th.add_argument("--thresholds", metavar="T0,T1,...", help="explicit thresholds, one per early exit")
+    add_thresholds(th)
     p.add_argument("--sweep", nargs="?", const=",".join(f"{b:g}" for b in DEFAULT_SWEEP_BUDGETS), metavar="BUDGETS",
                    help="also time the operating point of each budget (default 0.3,0.4,...,1.0) against the static "
                         "model -> table + PNG")
@@ -55,14 +53,14 @@ def add_arguments(p) -> None:
     p.add_argument("--no-settle", action="store_true",
                    help="no untimed settle call before each timed one-batch call (each configuration is then timed "
                         "in the caches the other one left behind)")
-    p.add_argument("--max-in-flight", type=int, default=2, metavar="N", help="pipeline: batches in flight (default 2)")
+    add_in_flight(p)
     p.add_argument("--buckets", metavar="pow2|B1,B2,...", help="pipeline: pad stage batches up to these sizes")
     p.add_argument("--refill", action="store_true", help="pipeline: merge shrunken stage batches")
     p.add_argument("--threads", type=int, metavar="N",
                    help="ONNX Runtime intra-op threads per stage session (default: usable cores / batches in flight, "
                         "spinning off)")
-    p.add_argument("--json", metavar="OUT", help="write the full report (JSON) to OUT")
-    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    add_json_report(p, what="full report")
+    add_quiet(p)
 
 
 def _say(args, msg: str) -> None:
@@ -71,13 +69,9 @@ def _say(args, msg: str) -> None:
 
 
 def _check_backend(name: str, bundle):
-    from ..errors import DmpoEdgeError
-    from ..runtime.backends import resolve_backend_name
+    from .options import checked_backend
 
-    name = str(name).lower()
-    if name not in BACKEND_CHOICES:
-        raise DmpoEdgeError("bench", f"unknown backend '{name}'. Expected one of {', '.join(BACKEND_CHOICES)}")
-    return resolve_backend_name(name, bundle)
+    return checked_backend(name, bundle, where="bench")
 
 
 def _batch_sizes(args, bundle) -> list:

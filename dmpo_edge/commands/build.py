@@ -11,14 +11,13 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p) -> None:
-    p.add_argument("bundle", metavar="BUNDLE", help="bundle folder written by 'dmpo-edge compile'")
+    from .options import add_bundle, add_trt_builder
+
+    add_bundle(p)
     p.add_argument("--max-batch", type=int, metavar="N", help="largest batch (default: the bundle's max_batch)")
-    p.add_argument("--buckets", metavar="B1,B2", help="extra optimisation profiles for these batch sizes, e.g. 1,8,32")
-    p.add_argument("--workspace-mib", type=int, default=1024, help="builder workspace cap in MiB (default 1024: fits 8 GB Jetsons)")
+    add_trt_builder(p)
     p.add_argument("--weakly-typed", action="store_true",
                    help="TensorRT 10.x only: weakly typed network with the deprecated FP16/INT8 flags")
-    p.add_argument("--frontend", default="onnx", choices=("onnx", "torch-tensorrt"),
-                   help="onnx (default: parse the bundle's graphs) or torch-tensorrt (needs --checkpoint)")
     p.add_argument("--checkpoint", metavar="MODEL.pt", help="the model.pt the bundle came from (torch-tensorrt frontend)")
     p.add_argument("--force", action="store_true", help="rebuild even when the engines are up to date")
     p.add_argument("--verbose", action="store_true", help="TensorRT's INFO log")

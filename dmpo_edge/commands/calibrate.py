@@ -13,9 +13,10 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p) -> None:
-    p.add_argument("bundle", metavar="BUNDLE", help="bundle folder written by 'dmpo-edge compile'")
-    p.add_argument("--val", required=True, metavar="DATA",
-                   help="labelled held-out split: a folder with one sub-folder per class, or digits:val")
+    from .options import add_backend, add_batch_size, add_bundle, add_data, add_json_report, add_quiet
+
+    add_bundle(p)
+    add_data(p, "--val", what="labelled held-out split", split="val", required=True)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--budget", type=float, metavar="X",
                       help="best validation accuracy with expected cost <= X of the full model's FLOPs (e.g. 0.4)")
@@ -25,10 +26,10 @@ def add_arguments(p) -> None:
                       help="MSDNet budgeted-batch sweep; records the best point under --pick-budget (default: the "
                            "cheapest point with the sweep's best accuracy)")
     p.add_argument("--pick-budget", type=float, metavar="X", help="with --sweep: the cost cap for the recorded point")
-    p.add_argument("--batch-size", type=int, default=64, help="stage batch size while measuring (default 64)")
-    p.add_argument("--backend", default="ort", help="backend that runs the stages (default ort: ONNX Runtime)")
-    p.add_argument("--json", metavar="OUT", help="also write the calibration report to OUT")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_batch_size(p, what="stage batch size while measuring")
+    add_backend(p)
+    add_json_report(p, what="calibration report")
+    add_quiet(p)
 
 
 def write_report(path: str, report: dict) -> None:
@@ -76,13 +77,16 @@ def run(args) -> int:
     from ..bundle import Bundle
     from ..calib.evaluate import CALIBRATION_PLOT, CALIBRATION_REPORT, calibrate
 
+    from .options import checked_backend
+
     bundle = Bundle.load(args.bundle)
+    backend = checked_backend(args.backend, bundle, where="calibrate")
     report = calibrate(bundle, args.val, budget=args.budget, max_drop=args.max_drop, sweep_only=args.sweep,
-                       pick_budget=args.pick_budget, batch_size=args.batch_size, backend=args.backend,
+                       pick_budget=args.pick_budget, batch_size=args.batch_size, backend=backend,
                        progress=not args.quiet)
     split = report["split"]
     print(f"calibrated {bundle.path} ({report['precision']}, policy {report['policy']}) on {split['source']} "
-          f"({split['size']} samples)")
+          f"({split['size']} samples, backend {backend})")
     print_exits(report["exits"])
     print_curve(report["sweep"], "budgeted-batch sweep (validation):")
     rec = report["thresholds"]

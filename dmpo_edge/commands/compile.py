@@ -12,6 +12,8 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p) -> None:
+    from .options import add_allow_pickle, add_data, add_quiet, add_trt_builder
+
     p.add_argument("model", metavar="MODEL.pt", help="checkpoint written by 'dmpo-edge tune' (or save_checkpoint)")
     p.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="bundle folder to write")
     prec = p.add_mutually_exclusive_group()
@@ -20,13 +22,21 @@ def add_arguments(p) -> None:
     prec.add_argument("--int8", dest="precision", action="store_const", const="int8",
                       help="INT8 with explicit Q/DQ calibrated on --calib")
     prec.add_argument("--precision", dest="precision", choices=("fp32", "fp16", "int8"), help="default fp32")
-    p.add_argument("--calib", metavar="DATA", help="calibration images: a folder (flat or class sub-folders), digits:train, fashion-mnist:train or idx:DIR:train")
+    add_data(p, "--calib", what="calibration images", split="train", labelled=False)
     p.add_argument("--calib-count", type=int, default=256, metavar="N", help="calibration images to use (default 256)")
     p.add_argument("--calib-method", default="entropy", choices=("entropy", "max", "percentile"),
                    help="INT8 activation range method (default entropy)")
     p.add_argument("--holdout", metavar="DATA", help="labelled held-out data for parity and the accuracy report "
                    "(default: the :test split for digits, fashion-mnist and idx:DIR calibration, else unused calibration images)")
     p.add_argument("--holdout-count", type=int, default=1000, metavar="N", help="held-out images to use (default 1000)")
+    p.add_argument("--max-exit-drop", type=float, default=0.5, metavar="POINTS",
+                   help="accuracy points FP16/INT8 may lose at any exit on the held-out data (default 0.5; the TensorRT "
+                        "form judged as TensorRT computes it, the CPU form with this CPU's kernels); more fails the compile")
+    p.add_argument("--accept-drop", action="store_true",
+                   help="write the bundle even when an exit loses more than --max-exit-drop (reported loudly)")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="INT8: write reports/sensitivity.json (accuracy drop per exit with one layer quantized at a time); "
+                        "written anyway when an accepted INT8 bundle misses the budget")
     p.add_argument("--exit-policy", default="max_softmax", choices=("max_softmax", "entropy", "margin"),
                    help="exit score computed in the graphs (default max_softmax)")
     p.add_argument("--max-batch", type=int, default=64, metavar="N", help="largest batch a stage takes (default 64)")
@@ -40,11 +50,9 @@ def add_arguments(p) -> None:
     p.add_argument("--int8-tool", default="auto", choices=("auto", "modelopt", "onnxruntime"))
     p.add_argument("--build", default="auto", choices=("auto", "never", "always"),
                    help="build TensorRT engines now (auto: when TensorRT and a GPU are present)")
-    p.add_argument("--frontend", default="onnx", choices=("onnx", "torch-tensorrt"), help="engine builder frontend")
-    p.add_argument("--buckets", metavar="B1,B2", help="extra TensorRT batch profiles, e.g. 1,8,32")
-    p.add_argument("--workspace-mib", type=int, default=1024, help="TensorRT builder workspace cap in MiB (default 1024)")
-    p.add_argument("--allow-pickle", action="store_true", help="load a pickled nn.Module checkpoint (runs code from it)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_trt_builder(p)
+    add_allow_pickle(p)
+    add_quiet(p)
 
 
 def _print_summary(bundle, seconds: float) -> None:
@@ -65,6 +73,8 @@ def _print_summary(bundle, seconds: float) -> None:
         with open(rep) as f:
             r = json.load(f)
         data = (r.get("data") or {}).get("source")
+        for name, how in (r.get("measured_with") or {}).items():
+            print(f"{name} measured with {how}")
         if r["fp32"] and r["fp32"][0].get("accuracy") is not None:
             print(f"accuracy per exit on {data} (%): fp32 " + " / ".join(f"{100 * e['accuracy']:.2f}" for e in r["fp32"]))
         for name, per_exit in r["variants"].items():
@@ -75,10 +85,17 @@ def _print_summary(bundle, seconds: float) -> None:
             else:
                 print(f"top-1 agreement with fp32 per exit ({name}, %): "
                       + " / ".join(f"{100 * e['top1_agreement']:.1f}" for e in per_exit))
+        budget = prec.get("budget") or {}
+        if budget.get("ok") is not None:
+            worst = max((e.get("budget_points", 0.0) for v in r["variants"].values() for e in v), default=0.0)
+            print(f"accuracy budget: at most {budget['max_exit_drop_points']:g} points per exit, worst {worst:.2f}: "
+                  + ("met" if budget["ok"] else "MISSED, accepted (--accept-drop)"))
     cpu = prec.get("cpu_variant")
     if cpu and cpu.get("format"):
         t = cpu.get("timings_ms", {})
-        print(f"cpu variant: {cpu['format']} (U8 activations, S8 weights); ONNX Runtime here, all stages, batch "
+        isa = (cpu.get("target_isa") or {}).get("isa", "?")
+        weights = {"s8-7bit": "7-bit S8 weights"}.get(cpu.get("weight_scheme"), "S8 weights")
+        print(f"cpu variant: {cpu['format']} (U8 activations, {weights}, for {isa}); ONNX Runtime here, all stages, batch "
               f"{cpu['timing_batch']}: {t.get('cpu_variant', 0):.1f} ms vs fp32 {t.get('fp32', 0):.1f} ms "
               f"(TensorRT form in ONNX Runtime {t.get('tensorrt_form', 0):.1f} ms)")
 
@@ -97,7 +114,8 @@ def run(args) -> int:
         force=args.force, allow_pickle=args.allow_pickle, opset=args.opset, exporter=args.exporter,
         calib_method=args.calib_method,
         fp16_tool=args.fp16_tool, int8_tool=args.int8_tool, cpu_format=args.cpu_format, build=args.build,
-        progress=not args.quiet, build_options=build_options,
+        progress=not args.quiet, build_options=build_options, max_exit_drop=args.max_exit_drop,
+        accept_drop=args.accept_drop, sensitivity=args.sensitivity,
     )
     _print_summary(bundle, time.perf_counter() - t0)
     return 0

@@ -11,14 +11,15 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p) -> None:
-    p.add_argument("bundle", metavar="BUNDLE", help="bundle folder written by 'dmpo-edge compile'")
-    p.add_argument("--data", required=True, metavar="DATA",
-                   help="labelled test data: a folder with one sub-folder per class, digits:test, fashion-mnist:test or idx:DIR:test")
-    p.add_argument("--json", metavar="OUT", help="write the evaluation report (JSON) to OUT")
+    from .options import add_backend, add_batch_size, add_bundle, add_data, add_json_report, add_quiet
+
+    add_bundle(p)
+    add_data(p, what="labelled test data", split="test", required=True)
+    add_json_report(p, what="evaluation report")
     p.add_argument("--plot", metavar="OUT.png", help="write the accuracy-versus-FLOPs plot (PNG) to OUT.png")
-    p.add_argument("--batch-size", type=int, default=64, help="stage batch size (default 64)")
-    p.add_argument("--backend", default="ort", help="backend that runs the stages (default ort: ONNX Runtime)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_batch_size(p)
+    add_backend(p)
+    add_quiet(p)
 
 
 def run(args) -> int:
@@ -26,12 +27,14 @@ def run(args) -> int:
     from ..calib.evaluate import evaluate
     from ..policies import format_thresholds
     from .calibrate import print_curve, print_exits, print_point, write_report
+    from .options import checked_backend
 
     bundle = Bundle.load(args.bundle)
-    report = evaluate(bundle, args.data, batch_size=args.batch_size, backend=args.backend, progress=not args.quiet)
+    backend = checked_backend(args.backend, bundle, where="eval")
+    report = evaluate(bundle, args.data, batch_size=args.batch_size, backend=backend, progress=not args.quiet)
     data = report["data"]
     print(f"evaluated {bundle.path} ({report['precision']}, policy {report['policy']}) on {data['source']} "
-          f"({data['size']} samples); full model {report['full_flops'] / 1e6:.3f} MFLOPs/sample")
+          f"({data['size']} samples, backend {backend}); full model {report['full_flops'] / 1e6:.3f} MFLOPs/sample")
     print_exits(report["exits"])
     print_curve(report["curve"]["points"], f"accuracy versus expected FLOPs (thresholds from {report['curve']['thresholds_from']}):")
     op = report["operating_point"]

@@ -11,10 +11,12 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p) -> None:
+    from .options import add_allow_pickle, add_json_lines
+
     p.add_argument("path", metavar="BUNDLE|MODEL.pt", help="bundle folder or checkpoint file")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of a bundle's files")
-    p.add_argument("--json", action="store_true", help="print a bundle's manifest as JSON instead")
-    p.add_argument("--allow-pickle", action="store_true", help="load a pickled nn.Module checkpoint (runs code from it)")
+    add_json_lines(p, what="a bundle's manifest")
+    add_allow_pickle(p)
 
 
 def run(args) -> int:

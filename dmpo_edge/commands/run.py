@@ -17,11 +17,12 @@ from ..errors import DmpoEdgeError
 
 
 def add_arguments(p) -> None:
-    p.add_argument("bundle", help="bundle folder written by 'dmpo-edge compile'")
+    from .options import add_backend, add_bundle, add_in_flight, add_json_lines, add_quiet, add_thresholds
+
+    add_bundle(p)
     p.add_argument("--source", required=True,
                    help="image folder, image or video file, camera index or /dev/videoN, URL, or GStreamer pipeline (gst:...)")
-    p.add_argument("--backend", default="auto", choices=["auto", "ort", "trt", "null"],
-                   help="auto = TensorRT when engines for this GPU exist, else ONNX Runtime (default: auto)")
+    add_backend(p, allow_null=True)
     p.add_argument("--batch", type=int, default=None, help="frames per micro-batch (default: min(8, max batch))")
     p.add_argument("--max-wait-ms", type=float, default=20.0, help="longest wait to fill a micro-batch (default: 20)")
     mode = p.add_mutually_exclusive_group()
@@ -30,14 +31,13 @@ def add_arguments(p) -> None:
     mode.add_argument("--lossless", dest="realtime", action="store_false",
                       help="classify every frame (default for folders and files)")
     p.add_argument("--limit", type=int, default=None, help="stop after N frames")
-    p.add_argument("--thresholds", default=None,
-                   help="comma-separated exit thresholds overriding the bundle's (one per early exit)")
-    p.add_argument("--in-flight", type=int, default=2, help="micro-batches in flight (default: 2)")
+    add_thresholds(p)
+    add_in_flight(p, what="micro-batches")
     p.add_argument("--width", type=int, default=None, help="camera / GStreamer frame width")
     p.add_argument("--height", type=int, default=None, help="camera / GStreamer frame height")
     p.add_argument("--skip-bad", action="store_true", help="skip images that cannot be decoded instead of stopping")
-    p.add_argument("--json", action="store_true", help="print JSON lines (one per frame, then a summary line)")
-    p.add_argument("--quiet", action="store_true", help="print the summary only")
+    add_json_lines(p, what="JSON lines (one per frame, then a summary line)")
+    add_quiet(p, what="print the summary only")
 
 
 def _thresholds(text):
@@ -68,10 +68,12 @@ def _print_summary(s: dict, as_json: bool) -> None:
 
 def run(args) -> int:
     from ..runtime.stream import stream
+    from .options import checked_backend
 
+    backend = checked_backend(args.backend, where="run", allow_null=True)
     st = stream(args.bundle, args.source, batch=args.batch, max_wait_ms=args.max_wait_ms, realtime=args.realtime,
-                limit=args.limit, backend=args.backend, thresholds=_thresholds(args.thresholds),
-                max_in_flight=args.in_flight, width=args.width, height=args.height, skip_bad=args.skip_bad)
+                limit=args.limit, backend=backend, thresholds=_thresholds(args.thresholds),
+                max_in_flight=args.max_in_flight, width=args.width, height=args.height, skip_bad=args.skip_bad)
     err = None
     n = 0
     try:

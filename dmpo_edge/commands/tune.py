@@ -17,9 +17,11 @@ def _floats(text: str) -> list:
 
 
 def add_arguments(p) -> None:
+    from .options import add_batch_size, add_data, add_quiet
+
     d = p.add_argument_group("data")
-    d.add_argument("--data", default="digits", help="image folder (one sub-folder per class), 'digits', 'fashion-mnist' or "
-                   "'idx:DIR' (MNIST-style IDX files), optionally with ':train'; a bare name means its train split (default: digits)")
+    add_data(d, what="training images", default="digits",
+             note="a bare named set (digits, fashion-mnist, idx:DIR) means its train split")
     d.add_argument("--val", default=None, help="validation data (default: the ':val' split of a named set, else a seeded split of --data)")
     d.add_argument("--train-count", type=int, default=None, metavar="N",
                    help="tune on a stratified, seeded subset of N training images (default: all of them)")
@@ -52,7 +54,7 @@ def add_arguments(p) -> None:
     a.add_argument("--baseline", action="store_true", help="plain multi-exit tuning: all three ablations at once")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=8, help="epochs (default 8)")
-    o.add_argument("--batch-size", type=int, default=64, help="batch size per process (default 64)")
+    add_batch_size(o, what="batch size per process")
     o.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate, cosine decay (default 5e-3)")
     o.add_argument("--weight-decay", type=float, default=1e-4)
     o.add_argument("--switch-at", type=float, default=0.5, help="fraction of the epochs after which phase 2 starts (default 0.5)")
@@ -63,7 +65,7 @@ def add_arguments(p) -> None:
     o.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: the free cores, i.e. usable cores minus the load average, at least 1)")
     p.add_argument("-o", "--output", default="model.pt", help="checkpoint to write (atomically; default model.pt)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(p)
 
 
 def format_exit_table(config: dict, metrics: dict) -> str:

@@ -7,7 +7,7 @@ A model has ``num_stages`` stages; stage ``k`` is a slice of the trunk followed 
     logits_k = forward_exit(k, feats_k)          # exit k: bypass -> predictor (DMPO), N x num_classes
 
 ``forward(image)`` returns the list of every exit's logits (deepest last). Exported stage graphs are
-``forward_stage(k)`` + ``forward_exit(k)`` + the exit score, following the stage contract in DESIGN.md.
+``forward_stage(k)`` + ``forward_exit(k)`` + the exit score, following the stage contract in docs/architecture.md.
 """
 
 from __future__ import annotations

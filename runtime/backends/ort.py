@@ -24,6 +24,7 @@ sessions holds a second copy of the stage weights in memory; an explicit ``threa
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 
@@ -114,6 +115,22 @@ class OrtBackend(Backend):
             wide = self._session_options(ort, self.exclusive_threads)
             self.wide_sessions = [self._load(ort, k, path, wide, providers) for k, path in enumerate(self.files)]
         self._stage_flops = [float(st.get("flops") or 0.0) for st in self.bundle.stages]
+        self.isa_warning = None
+        if not self.on_device and variant == "cpu":
+            self._warn_other_isa()
+
+    def _warn_other_isa(self) -> None:
+        """One line when the CPU form was quantized for another kind of CPU (its accuracy was measured there)."""
+        from ...cpu_isa import mismatch_warning
+
+        prec = self.bundle.manifest.get("precision") or {}
+        target = (prec.get("cpu_variant") or {}).get("target_isa")
+        if not any((st.get("variants") or {}).get("cpu") for st in self.bundle.stages):
+            return
+        self.isa_warning = mismatch_warning(target)
+        if self.isa_warning:
+            # logging's last-resort handler prints the bare line on stderr; applications may route it
+            logging.getLogger("dmpo_edge.runtime").warning(self.isa_warning)
 
     def _session_options(self, ort, threads: int):
         opts = ort.SessionOptions()
