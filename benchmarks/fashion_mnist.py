@@ -155,7 +155,7 @@ def logits_one(path: str, val, test, log) -> str:
         for k, lg in enumerate(exit_logits(model, preprocess_images(ds.images, pre))):
             arrays[f"{split}_{k}"] = lg.astype(np.float32)
         arrays[f"{split}_labels"] = np.asarray(ds.labels, np.int64)
-    tmp = out + ".tmp.npz"
+    tmp = f"{out}.{os.getpid()}.tmp.npz"  # per process: a worker may finish the same model at the same time
     np.savez_compressed(tmp, **arrays)
     os.replace(tmp, out)
     log(f"  logits on {len(val)} val + {len(test)} test images in {time.perf_counter() - t0:.0f} s")
