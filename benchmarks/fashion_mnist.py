@@ -197,6 +197,10 @@ def main() -> int:
     ap.add_argument("--worker", metavar="SEEDS", default=None,
                     help="only tune and evaluate these seeds (comma-separated), variants in reverse order, no report: "
                          "a second process that shares the work of the main run (it reuses whatever this one finished)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="everything tuned already: analyse again (with INT8 unless --no-int8) and rewrite the report, "
+                         "keeping the run time and load of the run recorded in out/fashion_mnist/results.json")
+    ap.add_argument("--note", default="", help="a sentence for the report's header (e.g. how many processes shared the work)")
     args = ap.parse_args()
     global OUT
     if args.smoke:
@@ -247,6 +251,12 @@ def main() -> int:
     results["run"] = {"seconds": round(time.time() - t_start), "analysis_seconds": round(time.time() - t_analysis),
                       "load_start": loads[0], "load_end": _load(), "load_mean": float(np.mean(loads)),
                       "cores": len(os.sched_getaffinity(0)), "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(t_start))}
+    previous = os.path.join(OUT, "results.json")
+    if args.report_only and os.path.exists(previous):
+        with open(previous) as f:
+            results["run"] = json.load(f)["run"]
+    if args.note:
+        results["run"]["note"] = args.note
     with open(os.path.join(OUT, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     text = write(results, PROTOCOL, docs=not args.no_docs, out_dir=OUT)
