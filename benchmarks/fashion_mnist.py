@@ -201,6 +201,8 @@ def main() -> int:
                     help="everything tuned already: analyse again (with INT8 unless --no-int8) and rewrite the report, "
                          "keeping the run time and load of the run recorded in out/fashion_mnist/results.json")
     ap.add_argument("--note", default="", help="a sentence for the report's header (e.g. how many processes shared the work)")
+    ap.add_argument("--only", metavar="SLUG@SEED,...", default=None,
+                    help="a worker that tunes and evaluates just these models (e.g. static_final_exit_only@0), no report")
     args = ap.parse_args()
     global OUT
     if args.smoke:
@@ -229,10 +231,14 @@ def main() -> int:
     # seed-major: an interrupted run has every variant for the seeds it finished
     seeds = [int(v) for v in args.worker.split(",")] if args.worker else PROTOCOL["seeds"]
     names = list(VARIANTS)[::-1] if args.worker else list(VARIANTS)
-    for seed in seeds:
-        for name in names:
-            path = tune_one(name, seed, train_all, val, log)
-            runs[(name, seed)] = (path, logits_one(path, val, test, log))
+    jobs = [(name, seed) for seed in seeds for name in names]
+    if args.only:
+        by_slug = {slug(n): n for n in VARIANTS}
+        jobs = [(by_slug[j.split("@")[0]], int(j.split("@")[1])) for j in args.only.split(",")]
+        args.worker = args.only
+    for name, seed in jobs:
+        path = tune_one(name, seed, train_all, val, log)
+        runs[(name, seed)] = (path, logits_one(path, val, test, log))
     if args.worker:
         log(f"worker for seeds {seeds} done")
         return 0

@@ -216,10 +216,12 @@ def test_tune_on_an_idx_subset_logs_its_threads(tmp_path, capsys):
     rc = main(["tune", "--data", f"idx:{root}", "--train-count", "30", "--epochs", "1", "--seed", "3",
                "--backbone", "vit", "--embed-dim", "16", "--depth", "1", "--num-heads", "1", "--patch-size", "8",
                "--image-size", "16", "--exits", "0", "--no-pretrained", "--quiet", "-o", str(out)])
-    err = capsys.readouterr().err
+    printed, err = capsys.readouterr()
     assert rc == 0, err
-    assert re.search(r"threads: \d+ \(\d+ cores, load \d+\.\d\)", err), err
+    # the thread choice is in the closing line (also under --quiet) and in the checkpoint
+    assert re.search(r"in [\d.]+ s; validation on .*; threads: \d+ \(\d+ cores, load \d+\.\d\)", printed), printed
     _, meta = load_checkpoint(str(out))
     m = meta["metrics"]
     assert m["num_train"] == 30 and m["num_val"] == 12  # val: the stratified 10% of the training file
     assert "30 stratified, seed 3" in m["train_data"] and m["val_data"].endswith(":val")
+    assert m["threads"].startswith("threads: ")

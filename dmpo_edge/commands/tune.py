@@ -151,8 +151,6 @@ def run(args) -> int:
         "early_head": "first_order" if args.first_order_early_heads else "linear" if args.linear_early_heads else "cov",
         "freeze_backbone": not args.train_backbone,
     }
-    if rank0:
-        print(f"dmpo-edge: {threads_note}", file=sys.stderr)
     if vit and config["pretrained"] is True and rank0:
         print("dmpo-edge: no ViT weights ship offline; tuning from random weights (pass --weights for a timm checkpoint)", file=sys.stderr)
     seed_everything(args.seed)
@@ -164,6 +162,8 @@ def run(args) -> int:
     out = os.path.abspath(args.output)
     if os.path.isdir(out):
         raise DmpoEdgeError("tune", f"output '{args.output}' is a folder. Expected a file path such as model.pt")
+    if rank0 and not args.quiet:  # after every input check: an error stays the only line on stderr
+        print(f"dmpo-edge: {threads_note}", file=sys.stderr)
     metrics = tune(
         model, train, val, pre, schedule, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, seed=args.seed, device=args.device, progress=not args.quiet,
@@ -176,6 +176,6 @@ def run(args) -> int:
     save_checkpoint(out, model, classes=train.classes, preprocess=pre.to_dict(), loss_schedule=schedule.to_dict(), metrics=metrics)
     print(format_exit_table(model.config, metrics))
     print(f"tuned {metrics['num_train']} images x {args.epochs} epochs in {metrics['tune_seconds']:.1f} s; "
-          f"validation on {metrics['val_data']} ({metrics['num_val']} images)")
+          f"validation on {metrics['val_data']} ({metrics['num_val']} images); {threads_note}")
     print(f"wrote {args.output}")
     return 0
