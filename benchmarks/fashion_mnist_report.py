@@ -77,13 +77,26 @@ def _paired(a, b):
     return float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0, p
 
 
-def analyse(runs, int8, protocol, variants, static_name, log) -> dict:
-    from dmpo_edge.models import load_checkpoint
+def _meta(path: str) -> dict:
+    """config, metrics, loss schedule and early-head parameter counts of a model.pt, without building the model
+    (32 EfficientNet builds cost minutes on a loaded CPU)."""
+    import torch
 
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    heads = {}
+    for key, t in obj["state_dict"].items():
+        if key.startswith("exits.") and not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            k = int(key.split(".")[1])
+            heads[k] = heads.get(k, 0) + int(t.numel())
+    return {"config": obj["config"], "metrics": obj["metrics"], "loss_schedule": obj["loss_schedule"],
+            "head_params": [heads[k] for k in sorted(heads)]}
+
+
+def analyse(runs, int8, protocol, variants, static_name, log) -> dict:
     seeds = sorted({s for (_, s) in runs})
     budgets = protocol["budgets"]
     chance = 0.1
-    metas = {key: load_checkpoint(path)[1] for key, (path, _) in runs.items()}
+    metas = {key: _meta(path) for key, (path, _) in runs.items()}
     static_flops = {s: float(metas[(static_name, s)]["metrics"]["cumulative_flops"][-1]) for s in seeds}
     res = {"budgets": budgets, "seeds": seeds, "static_mflops": static_flops[seeds[0]] / 1e6, "variants": {}}
     for name in variants:
@@ -101,8 +114,7 @@ def analyse(runs, int8, protocol, variants, static_name, log) -> dict:
         per["exit_mflops"] = (cum / 1e6).tolist()
         per["exit_share"] = (cum / static_flops[seeds[0]]).tolist()
         per["exits"] = meta["config"]["exits"]
-        model, _ = load_checkpoint(runs[(name, seeds[0])][0])
-        per["head_params"] = [sum(p.numel() for p in e.parameters()) for e in model.exits]
+        per["head_params"] = meta["head_params"]
         per["config"] = {k: meta["config"][k] for k in ("early_head", "bypass", "bypass_detach", "head_widths")}
         per["loss_schedule"] = meta["loss_schedule"]["mode"]
         for b in protocol["report_budgets"]:
