@@ -187,6 +187,53 @@ def int8_one(path: str, test, log) -> dict:
     return out
 
 
+def _run_record() -> dict:
+    """Wall time and load of the whole run (every process that shared it appends to run.log): from the first
+    'protocol' line to the newest logits file."""
+    import datetime as dt
+
+    with open(os.path.join(OUT, "run.log")) as f:
+        lines = [ln for ln in f if " load " in ln]
+    first = next(i for i, ln in enumerate(lines) if "| protocol " in ln and json.dumps(PROTOCOL) in ln)
+    lines = lines[first:]
+    today = dt.date.today()
+    start = dt.datetime.combine(today, dt.time.fromisoformat(lines[0][:8])).timestamp()
+    end = max(os.path.getmtime(os.path.join(OUT, f)) for f in os.listdir(OUT) if f.endswith("_logits.npz"))
+    loads = [float(ln.split(" load ")[1].split("|")[0]) for ln in lines]
+    return {"seconds": round(end - start), "load_start": loads[0], "load_end": loads[-1], "load_mean": float(np.mean(loads)),
+            "cores": len(os.sched_getaffinity(0)), "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(start))}
+
+
+def report_only(args, log) -> int:
+    """Analyse what is tuned (seeds with every variant done) and write the report; INT8 where its bundle exists."""
+    from fashion_mnist_report import analyse, write
+
+    runs, complete = {}, []
+    for seed in PROTOCOL["seeds"]:
+        paths = {n: os.path.join(OUT, f"{slug(n)}_s{seed}.pt") for n in VARIANTS}
+        if all(os.path.exists(p[:-3] + "_logits.npz") for p in paths.values()):
+            complete.append(seed)
+            runs.update({(n, seed): (p, p[:-3] + "_logits.npz") for n, p in paths.items()})
+    if not complete:
+        raise SystemExit("no seed has every variant tuned yet")
+    log(f"report on seeds {complete} (every variant done)")
+    int8 = {}
+    if not args.no_int8:
+        for seed in PROTOCOL["int8_seeds"]:
+            report = os.path.join(OUT, f"dmpo_s{seed}_int8_eval.json")
+            if os.path.exists(report):
+                with open(report) as f:
+                    int8[seed] = json.load(f)
+    results = analyse(runs, int8, PROTOCOL, VARIANTS, STATIC, log)
+    results["run"] = _run_record()
+    if args.note:
+        results["run"]["note"] = args.note
+    with open(os.path.join(OUT, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(write(results, PROTOCOL, docs=not args.no_docs, out_dir=OUT))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--no-int8", action="store_true", help="skip the INT8 bundles")
@@ -198,8 +245,8 @@ def main() -> int:
                     help="only tune and evaluate these seeds (comma-separated), variants in reverse order, no report: "
                          "a second process that shares the work of the main run (it reuses whatever this one finished)")
     ap.add_argument("--report-only", action="store_true",
-                    help="everything tuned already: analyse again (with INT8 unless --no-int8) and rewrite the report, "
-                         "keeping the run time and load of the run recorded in out/fashion_mnist/results.json")
+                    help="tune nothing: analyse the seeds whose variants are all done (with the INT8 results found) and "
+                         "write the report; run time and load come from out/fashion_mnist/run.log")
     ap.add_argument("--note", default="", help="a sentence for the report's header (e.g. how many processes shared the work)")
     ap.add_argument("--only", metavar="SLUG@SEED,...", default=None,
                     help="a worker that tunes and evaluates just these models (e.g. static_final_exit_only@0), no report")
@@ -225,6 +272,8 @@ def main() -> int:
         for f in os.listdir(OUT):
             if f.endswith((".pt", ".npz", ".json")):
                 os.remove(os.path.join(OUT, f))
+    if args.report_only:
+        return report_only(args, log)
     log(f"protocol {json.dumps(PROTOCOL)}")
     train_all, val, test = data(PROTOCOL["test_count"])
     runs = {}
@@ -257,10 +306,6 @@ def main() -> int:
     results["run"] = {"seconds": round(time.time() - t_start), "analysis_seconds": round(time.time() - t_analysis),
                       "load_start": loads[0], "load_end": _load(), "load_mean": float(np.mean(loads)),
                       "cores": len(os.sched_getaffinity(0)), "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(t_start))}
-    previous = os.path.join(OUT, "results.json")
-    if args.report_only and os.path.exists(previous):
-        with open(previous) as f:
-            results["run"] = json.load(f)["run"]
     if args.note:
         results["run"]["note"] = args.note
     with open(os.path.join(OUT, "results.json"), "w") as f:
