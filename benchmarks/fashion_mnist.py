@@ -16,9 +16,12 @@ together with the committed results. What runs:
 Checkpoints and logits are kept under ``out/fashion_mnist`` and reused when they were made with this very
 protocol, so an interrupted run resumes where it stopped (``--force`` starts again).
 
-Run from the repository root (about an hour on two shared cores)::
+Run from the repository root (64 minutes on two cores at load average 14-30 with up to seven processes; tuning
+takes about 5 minutes per model at load 16 with one process)::
 
     nice python benchmarks/fashion_mnist.py [--no-int8] [--no-docs] [--force]
+    nice python benchmarks/fashion_mnist.py --worker 2 &     # optional: more processes share the models
+    python benchmarks/fashion_mnist.py --report-only         # re-analyse what is tuned, rewrite the report
 """
 
 from __future__ import annotations

@@ -216,6 +216,10 @@ def verdict(res) -> str:
     at50 = np.mean([p[0] for p in dm["at"]["0.5"]])
     parts.append(f"Against the static model ({100 * s_acc:.2f}% at 100% of its FLOPs), DMPO gives {100 * at50:.2f}% "
                  f"at a 50% budget.")
+    first = {name: per["exit_share"][0] for name, per in res["variants"].items() if len(per["exit_share"]) > 1}
+    parts.append("The AUC counts a budget below a model's first exit as a guess, so it rewards a cheap first exit: the "
+                 "first exit costs " + ", ".join(f"{100 * v:.0f}% ({name})" for name, v in first.items())
+                 + " of the static model, heads included.")
     lines.append("Details: " + " ".join(parts))
     return "\n\n".join(lines)
 
