@@ -4,6 +4,7 @@ deadlock, resident memory flat after warm-up.
     python benchmarks/soak.py                        # 100,000 frames, generated toy bundle
     python benchmarks/soak.py --frames 5000          # the size the test suite runs
     python benchmarks/soak.py --bundle out/digits_int8 --frames 20000
+    python benchmarks/soak.py --mixed --rounds 400   # bad files and dying sources among good frames
 
 A generated source hands out frames (uint8 images of a few sizes, so preprocessing resizes) as fast as
 the stream takes them; the stream preprocesses, micro-batches and submits them to the early-exit
@@ -160,6 +161,165 @@ def check(fig: dict, max_growth_pct: float = 5.0) -> list:
     return bad
 
 
+# ---- mixed-fault soak -------------------------------------------------------------------------------------------
+
+class FailingSource(FrameSource):
+    """A live source that delivers ``good`` frames and then dies (a camera unplugged, a pipeline that errors)."""
+
+    uri = "failing camera"
+
+    def __init__(self, pool, good: int):
+        super().__init__()
+        self.pool, self.good = pool, good
+
+    def read(self):
+        from dmpo_edge.errors import DmpoEdgeError
+
+        if self._index >= self.good:
+            raise DmpoEdgeError(f"source {self.uri}", f"stopped after {self._index} frame(s) (device disconnected)")
+        return self._frame(self.pool[self._index % len(self.pool)])
+
+
+def _bad_files(folder: str, size: int) -> list:
+    """One of each kind of file a folder source meets in the field and must report, not crash or hang on."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    def put(name, data):
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(data)
+        return name
+
+    buf = __import__("io").BytesIO()
+    Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(buf, format="PNG")
+    png = buf.getvalue()
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 12000, 12000, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    names = [put("b_truncated.png", png[: len(png) // 2]), put("b_random.png", os.urandom(300)), put("b_empty.jpg", b""),
+             put("b_text.jpg", b"not an image\n" * 10), put("b_bomb.png", bomb)]
+    os.mkfifo(os.path.join(folder, "b_fifo.png"))
+    names.append("b_fifo.png")
+    if os.path.exists("/dev/zero"):
+        os.symlink("/dev/zero", os.path.join(folder, "b_device.png"))
+        names.append("b_device.png")
+    return names
+
+
+def mixed_soak(bundle, rounds: int = 400, good_per_round: int = 24, dead_after: int = 5, batch: int = 8,
+               in_flight: int = 3, warmup_rounds: int | None = None, log=None) -> dict:
+    """Folders of good images mixed with every kind of bad file, and sources that die mid-stream, round after round
+    through one pipeline. Every good frame must come back exactly once, every bad file be reported exactly once
+    (``skipped``), every dead source end in exactly one error after its frames, and memory stay flat."""
+    from PIL import Image
+
+    from dmpo_edge.errors import DmpoEdgeError
+    from dmpo_edge.runtime.pipeline import Pipeline
+
+    log = log or (lambda msg: None)
+    warmup_rounds = max(1, rounds // 5) if warmup_rounds is None else warmup_rounds
+    tmp = tempfile.mkdtemp(prefix="dmpo-mixed-soak-")
+    folder = os.path.join(tmp, "frames")
+    os.makedirs(folder)
+    pool = GeneratedSource(good_per_round).pool
+    for i in range(good_per_round):
+        Image.fromarray(pool[i % len(pool)]).save(os.path.join(folder, f"g_{i:03d}.png"))
+    bad = _bad_files(folder, 8)
+    os.makedirs(os.path.join(folder, "b_folder.png"))  # a folder named like an image: not a file, not listed
+    pipe = Pipeline.from_bundle(bundle, backend="ort", thresholds=spread_thresholds(bundle, pool), max_in_flight=in_flight,
+                                backend_options={"threads": 1})
+    fig = {"rounds": rounds, "good_files": good_per_round, "bad_files": len(bad), "bad_kinds": sorted(bad),
+           "dead_after": dead_after, "good_frames": 0, "results": 0, "duplicates": 0, "missing": 0,
+           "bad_reported": 0, "bad_misreported": 0, "dead_sources": 0, "dead_errors": 0, "unexpected_errors": []}
+    rss = []
+    t0 = time.perf_counter()
+    try:
+        for rnd in range(rounds):
+            # a folder: good frames interleaved (sorted names) with bad files, skip-bad on
+            s = Stream(None, folder, pipeline=pipe, batch=batch, max_wait_ms=2.0, realtime=False, skip_bad=True)
+            names = []
+            try:
+                names = [r.name for r in s]
+            except DmpoEdgeError as exc:
+                fig["unexpected_errors"].append(str(exc))
+            fig["good_frames"] += good_per_round
+            fig["results"] += len(names)
+            fig["duplicates"] += len(names) - len(set(names))
+            fig["missing"] += good_per_round - len(set(names) & {f"g_{i:03d}.png" for i in range(good_per_round)})
+            skipped = sorted(os.path.basename(p) for p in s.summary().get("skipped", []))
+            fig["bad_reported"] += len(skipped)
+            fig["bad_misreported"] += int(skipped != sorted(bad))
+            # a live source that dies after a few frames: its frames, then exactly one error
+            s = Stream(None, FailingSource(pool, dead_after), pipeline=pipe, batch=batch, max_wait_ms=2.0, realtime=False)
+            got, errors = 0, 0
+            try:
+                for _ in s:
+                    got += 1
+            except DmpoEdgeError:
+                errors += 1
+            fig["dead_sources"] += 1
+            fig["good_frames"] += dead_after
+            fig["results"] += got
+            fig["missing"] += dead_after - got
+            fig["dead_errors"] += errors
+            if rnd + 1 == warmup_rounds or (rnd + 1 > warmup_rounds and (rnd + 1) % max(1, rounds // 10) == 0) \
+                    or rnd + 1 == rounds:
+                gc.collect()
+                rss.append((rnd + 1, rss_bytes()))
+                log(f"  round {rnd + 1:>5}: {fig['results']} results, {fig['bad_reported']} bad files reported, "
+                    f"{fig['dead_errors']} dead sources reported, rss {rss[-1][1] / 2**20:.1f} MiB")
+    finally:
+        pipe.close()
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    base = next((b for r, b in rss if r >= warmup_rounds), rss[0][1])
+    fig.update({"elapsed_s": round(time.perf_counter() - t0, 2), "warmup_rounds": warmup_rounds,
+                "rss_warm_mib": round(base / 2**20, 2), "rss_end_mib": round(rss[-1][1] / 2**20, 2),
+                "rss_growth_pct": round(100.0 * (rss[-1][1] - base) / base, 2),
+                "rss_samples_mib": [(r, round(b / 2**20, 2)) for r, b in rss]})
+    return fig
+
+
+def check_mixed(fig: dict, max_growth_pct: float = 5.0) -> list:
+    bad = []
+    if fig["results"] != fig["good_frames"] or fig["missing"] or fig["duplicates"]:
+        bad.append(f"{fig['good_frames']} good frames, {fig['results']} results ({fig['missing']} missing, "
+                   f"{fig['duplicates']} duplicated)")
+    if fig["bad_reported"] != fig["rounds"] * fig["bad_files"] or fig["bad_misreported"]:
+        bad.append(f"{fig['bad_reported']} bad-file reports for {fig['rounds'] * fig['bad_files']} bad files "
+                   f"({fig['bad_misreported']} rounds reported the wrong files)")
+    if fig["dead_errors"] != fig["dead_sources"]:
+        bad.append(f"{fig['dead_errors']} errors for {fig['dead_sources']} dead sources")
+    if fig["unexpected_errors"]:
+        bad.append(f"{len(fig['unexpected_errors'])} unexpected errors, first: {fig['unexpected_errors'][0]}")
+    if fig["rss_growth_pct"] > max_growth_pct:
+        bad.append(f"resident memory grew {fig['rss_growth_pct']}% after warm-up (limit {max_growth_pct}%)")
+    return bad
+
+
+def main_mixed(args) -> int:
+    with tempfile.TemporaryDirectory(prefix="dmpo-soak-") as tmp:
+        bundle = args.bundle or _toy_bundle(os.path.join(tmp, "toy"))
+        print(f"mixed-fault soak: {args.rounds} rounds through {bundle}", flush=True)
+        fig = mixed_soak(bundle, rounds=args.rounds, batch=args.batch, in_flight=args.in_flight,
+                         log=lambda m: print(m, flush=True))
+    bad = check_mixed(fig, args.max_growth)
+    print(f"good frames: {fig['good_frames']}, results: {fig['results']} ({fig['missing']} missing, {fig['duplicates']} "
+          f"duplicated); bad files: {fig['rounds'] * fig['bad_files']} ({', '.join(fig['bad_kinds'])} each round), "
+          f"reported {fig['bad_reported']}; dead sources: {fig['dead_sources']}, errors {fig['dead_errors']}")
+    print(f"time: {fig['elapsed_s']} s; rss: {fig['rss_warm_mib']} MiB after {fig['warmup_rounds']} warm-up rounds, "
+          f"{fig['rss_end_mib']} MiB at the end (growth {fig['rss_growth_pct']}%)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(fig, f, indent=2)
+    print("mixed soak: " + ("PASS" if not bad else "FAIL: " + "; ".join(bad)))
+    return 0 if not bad else 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", help="bundle folder (default: a generated 3-stage toy bundle)")
@@ -169,7 +329,12 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="frames before the memory baseline (default min(frames/5, 5000))")
     ap.add_argument("--max-growth", type=float, default=5.0, help="allowed RSS growth after warm-up, percent")
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--mixed", action="store_true", help="the mixed-fault soak: bad files and dying sources among good frames")
+    ap.add_argument("--rounds", type=int, default=400, help="with --mixed: rounds (each a folder of 24 good images and "
+                    "7 bad files, then a source that dies after 5 frames)")
     args = ap.parse_args(argv)
+    if args.mixed:
+        return main_mixed(args)
     with tempfile.TemporaryDirectory(prefix="dmpo-soak-") as tmp:
         bundle = args.bundle or _toy_bundle(os.path.join(tmp, "toy"))
         print(f"soak: {args.frames} frames through {bundle} (batch {args.batch}, {args.in_flight} in flight)", flush=True)

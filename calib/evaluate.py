@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._lazy import require
-from ..bundle import Bundle, write_json_atomic
+from ..bundle import Bundle, remove_dead_temp_files, write_json_atomic
+from ..locking import writer_lock
 from ..errors import DmpoEdgeError
 from ..policies import DEFAULT_POLICY, get_policy
 from . import thresholds as th
@@ -308,9 +309,19 @@ def _check_target(name: str, value, lo_open: float, hi: float):
         raise DmpoEdgeError("calibration", f"{name} {value!r} is out of range. Expected a number in ({lo_open}, {hi}]")
 
 
-def calibrate(bundle, dataset=None, *, budget: float | None = None, max_drop: float | None = None, sweep_only: bool = False,
-              pick_budget: float | None = None, outputs: StageOutputs | None = None, write: bool = True,
-              plot: bool = True, **kw) -> dict:
+def calibrate(bundle, dataset=None, *, write: bool = True, **kw) -> dict:
+    """See :func:`_calibrate`. A writing calibration holds the bundle's writer lock from before it reads the bundle
+    to its last write, so a ``compile --force`` or a second ``calibrate`` of the same bundle is refused meanwhile."""
+    if not write:
+        return _calibrate(bundle, dataset, write=False, **kw)
+    path = bundle.path if isinstance(bundle, Bundle) else str(bundle)
+    with writer_lock(path, f"bundle {path}", "calibrate"):
+        return _calibrate(bundle, dataset, write=True, **kw)
+
+
+def _calibrate(bundle, dataset=None, *, budget: float | None = None, max_drop: float | None = None, sweep_only: bool = False,
+               pick_budget: float | None = None, outputs: StageOutputs | None = None, write: bool = True,
+               plot: bool = True, **kw) -> dict:
     """Choose exit thresholds on a labelled held-out split and (``write=True``) record them in the bundle.
 
     Exactly one of ``budget`` (best accuracy with expected cost <= budget), ``max_drop`` (cheapest within
@@ -370,14 +381,22 @@ def calibrate(bundle, dataset=None, *, budget: float | None = None, max_drop: fl
 
 
 def _write_calibration(b: Bundle, report: dict, record: dict, plot: bool) -> None:
-    """Plot, report, then manifest: each an atomic rename, the manifest last so it never names a missing report."""
-    try:
-        os.makedirs(os.path.join(b.path, "reports"), exist_ok=True)
+    """Plot, report, then manifest: each an atomic rename, the manifest last so it never names a missing report.
+    All three happen after the bundle on disk is re-checked to be the one measured (see Bundle.update_manifest)."""
+
+    def write_reports():
+        reports_dir = os.path.join(b.path, "reports")
+        if os.path.islink(reports_dir):  # a link could send the writes anywhere on the machine
+            raise DmpoEdgeError(f"bundle {b.path}", "reports/ is a symbolic link. Replace it with a folder")
+        os.makedirs(reports_dir, exist_ok=True)
+        remove_dead_temp_files(reports_dir)
         if plot:
             from .plots import plot_calibration
 
             plot_calibration(report, os.path.join(b.path, CALIBRATION_PLOT))
         write_json_atomic(os.path.join(b.path, CALIBRATION_REPORT), report)
+
+    try:
         changes = {"thresholds": record}
         reports = b.manifest.get("reports")
         if reports is None or isinstance(reports, dict):  # another layout is left alone
@@ -386,6 +405,6 @@ def _write_calibration(b: Bundle, report: dict, record: dict, plot: bool) -> Non
             if plot:
                 reports["calibration_plot"] = CALIBRATION_PLOT
             changes["reports"] = reports
-        b.update_manifest(changes)
+        b.update_manifest(changes, before_write=write_reports)
     except OSError as exc:
         raise DmpoEdgeError(f"bundle {b.path}", f"cannot write the calibration ({exc}). Expected a writable bundle folder") from None

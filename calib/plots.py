@@ -11,6 +11,7 @@ import os
 import tempfile
 
 from .._lazy import require
+from ..bundle import shared_file_mode
 from ..errors import DmpoEdgeError
 
 __all__ = ["plot_curves", "plot_calibration", "plot_evaluation", "save_figure_atomic"]
@@ -29,12 +30,13 @@ def save_figure_atomic(fig, path: str, dpi: int = 130) -> str:
     d = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=d)
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix=".png", dir=d)
     except OSError as exc:
         raise DmpoEdgeError("plot", f"cannot write '{path}' ({exc}). Expected a writable path") from None
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
+        os.chmod(tmp, shared_file_mode(path))  # mkstemp's 0600 would hide the plot from other users
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

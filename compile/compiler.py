@@ -11,13 +11,13 @@ Python API::
     bundle = compile_bundle("out/model.pt", "out/bundle_int8", precision="int8", calib="digits:train")
 
 Everything happens inside :func:`dmpo_edge.bundle.atomic_directory`: the bundle appears complete or not at all,
-and an existing output is refused unless ``force``. (Over 500 lines: the per-stage INT8 choice and its scoring share
-the compile's held-out FP32 chain and scratch space; the quantizers, reports and sensitivity have their own modules.)
+and an existing output is refused unless ``force``.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import os
 import shutil
 import sys
@@ -29,6 +29,7 @@ import numpy as np
 from .._lazy import available, require
 from ..bundle import REGROUP_KEEP_IDX, SCHEMA_VERSION, Bundle, atomic_directory, sha256_file, write_json_atomic
 from ..errors import DmpoEdgeError
+from ..locking import writer_lock
 from ..policies import POLICIES
 from ..preprocess import Preprocess
 from .data import load_compile_data
@@ -42,7 +43,7 @@ from .parity import PARITY_TOL, stage_parity
 from .report import MAX_EXIT_DROP_POINTS, budget_error, loud_warnings, precision_report
 from .stages import FEATURES, FEATURES_IN, split_stages
 
-__all__ = ["compile_bundle", "compile_model", "tool_versions", "PRECISIONS", "stage_flops"]
+__all__ = ["compile_bundle", "compile_model", "check_finite_weights", "tool_versions", "PRECISIONS", "stage_flops"]
 
 PRECISIONS = ("fp32", "fp16", "int8")
 PARITY_IMAGES = 64
@@ -136,25 +137,51 @@ def _stage_inputs(chain_out: list, k: int, x: np.ndarray) -> dict:
     return {FEATURES_IN: feats, "keep_idx": np.arange(feats.shape[0], dtype=np.int32)}
 
 
-def compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", calib: str | None = None, calib_count: int = 256,
+def compile_model(model, meta: dict, out_dir: str, *args, **kwargs) -> Bundle:
+    """Compile an in-memory :class:`EarlyExitModel` with its checkpoint ``meta`` into a bundle at ``out_dir``
+    (options: :func:`_compile_model`). Holds the output's writer lock throughout, so a second ``compile`` or a
+    ``calibrate`` of the same bundle is refused until it is done; a full disk is one clear error."""
+    with writer_lock(out_dir, "compile", "compile"):
+        try:
+            return _compile_model(model, meta, out_dir, *args, **kwargs)
+        except OSError as exc:
+            what = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+            name = f" writing '{exc.filename}'" if exc.filename else ""
+            raise DmpoEdgeError("compile", f"{what}{name}. Nothing was replaced: free space (or fix the folder) "
+                                "and compile again") from None
+
+
+def check_finite_weights(model) -> None:
+    """NaN / Inf weights make every output NaN, and NaN compares false: parity would read 0.0 error. Refuse them."""
+    torch = require("torch", "compiling a model")
+    for name, t in list(model.state_dict().items()):
+        if torch.is_tensor(t) and (t.is_floating_point() or t.is_complex()):
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise DmpoEdgeError("compile", f"weight '{name}' has {bad} NaN/Inf value(s) of {t.numel()}. The "
+                                    "checkpoint is damaged or training diverged; retrain or pick an earlier checkpoint")
+
+
+def _compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", calib: str | None = None, calib_count: int = 256,
                   holdout: str | None = None, max_batch: int = 64, exit_policy: str = "max_softmax", force: bool = False,
                   opset: int = DEFAULT_OPSET, exporter: str = "auto", calib_method: str = "entropy", fp16_tool: str = "auto",
                   int8_tool: str = "auto", cpu_format: str = "auto", parity_tol: float = PARITY_TOL, build: str = "auto",
                   name: str | None = None, source: dict | None = None, progress: bool = True, build_options: dict | None = None,
                   holdout_count: int = 1000, log=None, max_exit_drop: float = MAX_EXIT_DROP_POINTS,
-                  accept_drop: bool = False, sensitivity: bool = False) -> Bundle:
-    """Compile an in-memory :class:`EarlyExitModel` with its checkpoint ``meta`` into a bundle at ``out_dir``.
+                   accept_drop: bool = False, sensitivity: bool | None = None) -> Bundle:
+    """The work of :func:`compile_model`, under its writer lock.
 
     ``max_exit_drop``: accuracy points an FP16/INT8 form may lose at any exit (held-out data; the TensorRT form
     judged as TensorRT computes it, the CPU form with this host's kernels); a miss raises :class:`DmpoEdgeError`
-    and writes nothing, unless ``accept_drop``. ``sensitivity``: always write the INT8 layer-wise sensitivity report
-    (it is written anyway when an accepted INT8 bundle misses the budget).
+    and writes nothing, unless ``accept_drop``. ``sensitivity``: write the INT8 layer-wise sensitivity report
+    always (True), never (False), or when an accepted INT8 bundle misses the budget (None, the default).
     """
     t_start = time.perf_counter()
     log = log or (lambda msg: print(msg, file=sys.stderr))
     _check_args(precision, exit_policy, max_batch, calib_count, out_dir, force, max_exit_drop)
     max_exit_drop = float(max_exit_drop)
     torch = require("torch", "compiling a model")
+    check_finite_weights(model)
     K = int(model.num_stages)
     classes = [str(c) for c in meta.get("classes") or []]
     cfg = dict(meta.get("config") or getattr(model, "config", {}) or {})
@@ -259,14 +286,16 @@ def compile_model(model, meta: dict, out_dir: str, precision: str = "fp32", cali
                     raise budget_error(prec_report, precision)
                 prec["budget"] = {"max_exit_drop_points": max_exit_drop, "ok": prec_report["ok"],
                                   "accepted_misses": prec_report["misses"]}
-                if precision == "int8" and (sensitivity or prec_report["misses"]):
+                if precision == "int8" and (sensitivity or (sensitivity is None and prec_report["misses"])):
                     bar.set_postfix_str("int8 sensitivity")
+                    t_sens = time.perf_counter()
                     sens = _sensitivity(fp32_paths, stage_files, cpu_files, prec, prec_report, hold_chain, data, scratch,
                                         max_exit_drop, "asked for (--sensitivity)" if sensitivity else
                                         "the INT8 bundle misses its accuracy budget (accepted with --accept-drop)")
+                    os.makedirs(os.path.join(bundle_dir, "reports"), exist_ok=True)
                     write_json_atomic(os.path.join(bundle_dir, "reports", "sensitivity.json"), sens)
                     reports["sensitivity"] = "reports/sensitivity.json"
-                    timings["sensitivity_s"] = time.perf_counter() - t0
+                    timings["sensitivity_s"] = time.perf_counter() - t_sens
             elif precision != "fp32":
                 prec["budget"] = {"max_exit_drop_points": max_exit_drop, "ok": None,
                                   "why": "not checked: no held-out data"}
@@ -436,7 +465,7 @@ def _int8(K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, calib_me
           max_exit_drop=MAX_EXIT_DROP_POINTS):
     from ..cpu_isa import detect
     from .int8 import (
-        CPU_FORMATS, CPU_WEIGHT_SCHEMES, batched_feeds, cpu_weight_scheme, image_layer_nodes, quantize_cpu_form,
+        CPU_FORMATS, CPU_WEIGHT_SCHEMES, batched_feeds, cpu_weight_schemes, image_layer_nodes, quantize_cpu_form,
         quantize_tensorrt_form, time_sessions,
     )
 
@@ -481,27 +510,32 @@ def _int8(K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, calib_me
         paths.append(dst)
         bar.update()
 
-    # ---- the ONNX Runtime CPU form: U8 activations, S8 weights. Per stage QDQ or QOperator: the fastest one that
-    # stays within CPU_DROP_POINTS (stage k replaced, later stages FP32, held-out data), measured here.
+    # ---- the ONNX Runtime CPU form: U8 activations; weights as this CPU's kernels take them without saturating
+    # (int8.cpu_weight_schemes). Per stage QDQ or QOperator x weight scheme: the fastest one that stays within the
+    # budget (stage k replaced, later stages FP32, held-out data), measured here with this host's kernels.
     formats = list(CPU_FORMATS) if cpu_format == "auto" else [cpu_format]
     if any(f not in CPU_FORMATS for f in formats):
         raise DmpoEdgeError("int8", f"unknown --cpu-format '{cpu_format}'. Expected auto, QDQ or QOperator")
     cpu_files, cpu_stages = [], []
     host_isa = detect()
-    weights = cpu_weight_scheme(host_isa)
+    schemes = cpu_weight_schemes(host_isa)
     for k in range(K):
         bar.set_postfix_str(f"int8 cpu form stage {k}")
         feeds = batched_feeds(_stage_inputs(calib_chain, k, data.calib_x), 32)
         timing_feeds = batched_feeds(_stage_inputs(calib_chain, k, data.calib_x), CPU_TIMING_BATCH)[0]
         keep_fp32 = sorted(set(excludes[k]) | set(stems[k]))
         made, rec = {}, {"stage": k, "fp32_nodes": len(keep_fp32), "candidates": {}}
+        # candidates "FORMAT:WEIGHTS", e.g. "QDQ:u8": the formats asked for x the weight schemes this CPU can run
+        # without saturating (one scheme on VNNI / Arm, two on x86 without VNNI)
         for fmt in formats:
-            dst = os.path.join(scratch, "int8", f"stage_{k}.{fmt}.cpu.onnx")
-            try:
-                quantize_cpu_form(fp32_paths[k], dst, feeds, keep_fp32, fmt, calib_method, weights)
-                made[fmt] = dst
-            except Exception as exc:  # a form ORT cannot produce for this graph is skipped; the other may work
-                rec["candidates"][fmt] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+            for w in schemes:
+                key = f"{fmt}:{w}"
+                dst = os.path.join(scratch, "int8", f"stage_{k}.{fmt}.{w}.cpu.onnx")
+                try:
+                    quantize_cpu_form(fp32_paths[k], dst, feeds, keep_fp32, fmt, calib_method, w)
+                    made[key] = dst
+                except Exception as exc:  # a form ORT cannot produce for this graph is skipped; another may work
+                    rec["candidates"][key] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
         ms = time_sessions({**made, "fp32": fp32_paths[k], "tensorrt_form": paths[k]}, timing_feeds)
         rec["fp32_ms"] = round(ms["fp32"], 3)
         rec["tensorrt_form_ms"] = round(ms["tensorrt_form"], 3)
@@ -517,17 +551,21 @@ def _int8(K, fp32_paths, heads, scratch, calib_chain, hold_chain, data, calib_me
             chosen = min(made, key=lambda f: rec["candidates"][f].get("drop_points", 0.0))
         else:
             chosen = None
-        rec["format"] = chosen or "tensorrt_form"
+        rec["choice"] = chosen or "tensorrt_form"
+        rec["format"], _, rec["weights"] = (chosen or "tensorrt_form").partition(":")
         cpu_files.append(made[chosen] if chosen else paths[k])
         cpu_stages.append(rec)
     bar.update()
     formats_used = sorted({r["format"] for r in cpu_stages})
     totals = {"fp32": sum(r["fp32_ms"] for r in cpu_stages),
-              "cpu_variant": sum(r["candidates"].get(r["format"], {}).get("ms", r["tensorrt_form_ms"]) for r in cpu_stages),
+              "cpu_variant": sum(r["candidates"].get(r["choice"], {}).get("ms", r["tensorrt_form_ms"]) for r in cpu_stages),
               "tensorrt_form": sum(r["tensorrt_form_ms"] for r in cpu_stages)}
+    used = sorted({r["weights"] for r in cpu_stages if r["weights"]})
     cpu_record = {"format": formats_used[0] if len(formats_used) == 1 else formats_used,
-                  "activations": "uint8 asymmetric (per tensor)", "weights": CPU_WEIGHT_SCHEMES[weights],
-                  "weight_scheme": weights, "target_isa": dict(host_isa), "measured_with": HOST_KERNELS,
+                  "activations": "uint8 asymmetric (per tensor)",
+                  "weights": "; ".join(f"{w}: {CPU_WEIGHT_SCHEMES[w]}" for w in used),
+                  "weight_scheme": used[0] if len(used) == 1 else used, "weight_schemes_tried": list(schemes),
+                  "target_isa": dict(host_isa), "measured_with": HOST_KERNELS,
                   "fp32_layers": "the layer that reads the image, and whatever the TensorRT form kept in FP32",
                   "tool": "onnxruntime.quantization.quantize_static", "timing_batch": CPU_TIMING_BATCH,
                   "timings_ms": {k: round(v, 3) for k, v in totals.items()}, "per_stage": cpu_stages}

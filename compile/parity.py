@@ -26,8 +26,8 @@ def survivor_rows(n: int) -> np.ndarray:
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
-    if a.shape != b.shape:
-        return float("inf")
+    if a.shape != b.shape or not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("inf")  # NaN compares false everywhere: it must read as a failure, never as 0.0 error
     scale = max(float(np.abs(b).max(initial=0.0)), 1e-6)
     return float(np.abs(a - b).max(initial=0.0) / scale)
 

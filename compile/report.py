@@ -81,8 +81,11 @@ def budget_error(report: dict, precision: str):
             "the most), raise --max-exit-drop, or try more calibration images (--calib-count) or another --calib-method; "
             "--fp16 keeps more accuracy" if precision == "int8" else
             "Pass --accept-drop to write the bundle anyway, raise --max-exit-drop, or compile in FP32")
-    return DmpoEdgeError("compile", f"{precision} loses more than {budget:g} {what} at {misses} on {src}; nothing was "
-                         f"written. {hint}")
+    missed = {m["variant"] for m in report["misses"]}
+    within = [n for n in report["variants"] if n not in missed]
+    met = f" ({', '.join(within)} within it at every exit)" if within else ""
+    return DmpoEdgeError("compile", f"{precision} loses more than {budget:g} {what} at {misses} on {src}{met}; nothing "
+                         f"was written. {hint}")
 
 
 def loud_warnings(report: dict) -> list:

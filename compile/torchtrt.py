@@ -2,8 +2,20 @@
 
 ``dmpo-edge build BUNDLE --frontend torch-tensorrt --checkpoint model.pt`` (or ``compile --frontend
 torch-tensorrt`` on a GPU machine) writes the engines into the same ``engines/<device key>/`` layout as the ONNX
-frontend. FP32 and FP16 (autocast in torch-tensorrt >= 2.9, ``enabled_precisions`` before); INT8 engines come
-from the bundle's Q/DQ graphs (the ONNX frontend). torch_tensorrt is imported lazily.
+frontend. torch_tensorrt is imported lazily.
+
+Keyword arguments of ``torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine`` differ by
+release (read from pytorch/TensorRT's ``py/torch_tensorrt/dynamo/_compiler.py``; the lists per version are kept in
+``tests/test_trt_api_conformance.py``), and the function swallows unknown ones in ``**kwargs``, so every keyword
+is passed only where the installed signature names it:
+
+- FP16: ``enabled_precisions={torch.float16}`` (with ``use_explicit_typing=False`` where that exists) in
+  2.5 - 2.12. From 2.13 ``enabled_precisions`` is gone and engines are strongly typed (precision follows the
+  model's dtypes), so an FP16 build is refused there rather than silently producing FP32 engines: the ONNX
+  frontend builds FP16 engines from the bundle's FP16 graphs. INT8 engines always come from the ONNX frontend.
+- Tensor names: releases with ``arg_input_binding_names`` / ``output_binding_names`` name the engine's tensors
+  after the stage contract at export; older ones name outputs ``output0``, ``output1``, ... and the mapping to
+  the contract is written as ``io_map`` in ``engines.json``, which the TensorRT backend reads.
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ from ..bundle import sha256_file
 from ..errors import DmpoEdgeError
 from .stages import FEATURES_IN, INPUT, KEEP_IDX, make_stage_module
 
-__all__ = ["build_torch_tensorrt_engines", "export_stage_program", "named_stage"]
+__all__ = ["build_torch_tensorrt_engines", "export_stage_program", "named_stage", "build_kwargs"]
 
 
 def named_stage(model, k: int, policy: str):
@@ -80,6 +92,13 @@ def build_torch_tensorrt_engines(bundle, settings: dict, out_dir: str, checkpoin
     policy = bundle.manifest["exit_policy"]
     fp16 = settings["precision"] == "fp16"
     sig = inspect.signature(torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine).parameters
+    version = getattr(torch_tensorrt, "__version__", "?")
+    if fp16 and "enabled_precisions" not in sig:
+        raise DmpoEdgeError(
+            "build", f"torch-tensorrt {version} has no enabled_precisions (removed in 2.13: engines follow the model's "
+            "dtypes), so it would build FP32 engines for this fp16 bundle. Build with the ONNX frontend (drop "
+            "--frontend torch-tensorrt) or install torch-tensorrt 2.5 - 2.12",
+        )
     engines = []
     feats = None
     h, w = bundle.preprocess.size
@@ -97,22 +116,18 @@ def build_torch_tensorrt_engines(bundle, settings: dict, out_dir: str, checkpoin
             mn, opt, mx = prof[name]
             dtype = torch.int32 if name == KEEP_IDX else torch.float32
             inputs.append(torch_tensorrt.Input(min_shape=list(mn), opt_shape=list(opt), max_shape=list(mx), dtype=dtype))
-        kwargs = {"arg_inputs" if "arg_inputs" in sig else "inputs": inputs, "workspace_size": settings["workspace_bytes"]}
-        if fp16:
-            if "enable_autocast" in sig:
-                kwargs["enable_autocast"] = True
-            else:
-                kwargs["enabled_precisions"] = {torch.float16}
+        contract_in = list(mod.inner.io.inputs)
+        contract_out = list(mod.inner.io.outputs)
+        kwargs = build_kwargs(sig, inputs, settings["workspace_bytes"], torch.float16 if fp16 else None,
+                              contract_in, contract_out)
         blob = torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine(prog, **kwargs)
         name = f"stage_{k}.engine"
         path = os.path.join(out_dir, name)
         with open(path, "wb") as f:
             f.write(bytes(blob))
         io_names = _engine_io_names(bytes(blob))
-        contract_out = list(mod.inner.io.outputs)
-        contract_in = list(mod.inner.io.inputs)
         io_map = {}
-        if io_names:
+        if io_names:  # engine tensor name -> contract name (identity where the release named them at export)
             io_map.update(dict(zip(io_names["inputs"], contract_in)))
             io_map.update(dict(zip(io_names["outputs"], contract_out)))
         engines.append({"stage": k, "file": name, "sha256": sha256_file(path), "onnx_sha256": bundle.stages[k]["sha256"],
@@ -121,6 +136,23 @@ def build_torch_tensorrt_engines(bundle, settings: dict, out_dir: str, checkpoin
             feats = outs[0]
         log(f"build: stage {k} engine (torch-tensorrt) in {engines[-1]['build_s']} s")
     return engines
+
+
+def build_kwargs(sig, inputs: list, workspace_bytes: int, fp16_dtype, contract_in: list, contract_out: list) -> dict:
+    """The keywords for this torch-tensorrt release's ``convert_exported_program_to_serialized_trt_engine``
+    (``sig``: its parameters): only names the release has, since unknown ones vanish into ``**kwargs``."""
+    kwargs = {"arg_inputs" if "arg_inputs" in sig else "inputs": inputs, "workspace_size": int(workspace_bytes)}
+    if fp16_dtype is not None:
+        if "enabled_precisions" not in sig:
+            raise DmpoEdgeError("build", "this torch-tensorrt has no enabled_precisions: it cannot build FP16 engines "
+                                "from an FP32 model. Use the ONNX frontend")
+        kwargs["enabled_precisions"] = {fp16_dtype}
+        if "use_explicit_typing" in sig:
+            kwargs["use_explicit_typing"] = False  # explicit typing would ignore enabled_precisions
+    if "arg_input_binding_names" in sig and "output_binding_names" in sig:
+        kwargs["arg_input_binding_names"] = list(contract_in)
+        kwargs["output_binding_names"] = list(contract_out)
+    return kwargs
 
 
 def _engine_io_names(blob: bytes) -> dict | None:

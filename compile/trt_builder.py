@@ -15,19 +15,25 @@ atomically (a temp folder renamed into place). Written against the TensorRT 10.x
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import os
 import shutil
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 from .._lazy import available, require
 from ..bundle import Bundle, replace_directory, sha256_file, write_json_atomic
+from ..locking import swap_lock, writer_lock
 from ..engines import read_engines_json
 from ..errors import DmpoEdgeError
 from .trt_settings import (
     DEFAULT_WORKSPACE_MIB, ENGINES_DIR, ENGINES_FORMAT, ENGINES_JSON, TIMING_CACHE, build_settings,
 )
+
+if TYPE_CHECKING:  # the TensorRT objects typed for mypy (tensorrt-stubs, tests/test_trt_api_conformance.py)
+    import tensorrt
 
 __all__ = ["tensorrt_ready", "gpu_info", "build_engines", "read_engines_json", "engines_record"]
 
@@ -89,9 +95,9 @@ def _network_flags(trt, plan: dict) -> int:
     return flags
 
 
-def _parse(trt, builder, plan: dict, onnx_path: str, logger, k: int):
+def _parse(trt, builder: tensorrt.Builder, plan: dict, onnx_path: str, logger, k: int):
     network = builder.create_network(_network_flags(trt, plan))
-    parser = trt.OnnxParser(network, logger)
+    parser: tensorrt.OnnxParser = trt.OnnxParser(network, logger)
     ok = parser.parse_from_file(onnx_path)
     if not ok:
         errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -99,19 +105,29 @@ def _parse(trt, builder, plan: dict, onnx_path: str, logger, k: int):
     return network, parser
 
 
-def _config(trt, builder, settings: dict, k: int, cache_blob: bytes | None):
+def _config(trt, builder: tensorrt.Builder, settings: dict, k: int, cache_blob: bytes | None, log=None):
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings["workspace_bytes"]))
     for flag in settings["plan"]["builder_flags"]:
         # only reached on TensorRT < 11 with weak typing (precision_plan never returns flags for 11)
         config.set_flag(getattr(trt.BuilderFlag, flag))
     for prof in settings["profiles"][k]:
-        p = builder.create_optimization_profile()
+        opt_profile = builder.create_optimization_profile()
         for name, (mn, opt, mx) in prof.items():
-            p.set_shape(name, tuple(mn), tuple(opt), tuple(mx))
-        config.add_optimization_profile(p)
+            # trt.Dims explicitly: the stubs type these parameters as Dims (pybind also converts tuples)
+            opt_profile.set_shape(name, trt.Dims(list(mn)), trt.Dims(list(opt)), trt.Dims(list(mx)))
+        config.add_optimization_profile(opt_profile)
     cache = config.create_timing_cache(cache_blob or b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    # False: the persisted cache was made by another TensorRT version or GPU (ignore_mismatch=False refuses it,
+    # as it should: mismatched timings mislead the tactic choice). Start from an empty cache instead.
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        if cache_blob:
+            (log or (lambda m: print(m, file=sys.stderr)))(
+                f"build stage {k}: the saved timing cache does not match this TensorRT / GPU; starting a new one")
+            cache = config.create_timing_cache(b"")
+        if not cache_blob or not config.set_timing_cache(cache, ignore_mismatch=False):
+            raise DmpoEdgeError(f"build stage {k}", "TensorRT refused the timing cache (see its log above). "
+                                "Delete the engines folder's timing.cache and build again")
     return config, cache
 
 
@@ -131,7 +147,14 @@ def _profiles_json(profiles: list) -> list:
     return [{name: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for name, v in p.items()} for p in profiles]
 
 
-def build_engines(bundle_path: str, max_batch: int | None = None, buckets=(), workspace_mib: int = DEFAULT_WORKSPACE_MIB,
+def build_engines(bundle_path: str, *args, **kwargs) -> str:
+    """See :func:`_build_engines`; holds the bundle's writer lock throughout (a compile or calibrate of the same
+    bundle is refused meanwhile; an outer compile that already holds it builds straight on)."""
+    with writer_lock(bundle_path, f"build {bundle_path}", "build"):
+        return _build_engines(bundle_path, *args, **kwargs)
+
+
+def _build_engines(bundle_path: str, max_batch: int | None = None, buckets=(), workspace_mib: int = DEFAULT_WORKSPACE_MIB,
                   strongly_typed: bool | None = None, force: bool = False, frontend: str = "onnx", verbose: bool = False,
                   checkpoint: str | None = None, log=None) -> str:
     """Build every stage's engine for this GPU; returns the engines folder. Skips an up-to-date build unless ``force``."""
@@ -155,6 +178,10 @@ def build_engines(bundle_path: str, max_batch: int | None = None, buckets=(), wo
         if os.path.isfile(cache_src):  # the previous build's timing cache makes a rebuild fast
             with open(cache_src, "rb") as f:
                 cache_blob = f.read()
+            want = (old or {}).get("timing_cache_sha256")
+            if not want or hashlib.sha256(cache_blob).hexdigest() != want:  # unverified bytes never reach the builder
+                log(f"engines: ignoring {cache_src} (no matching sha256 in {ENGINES_JSON}); timing from scratch")
+                cache_blob = None
         if frontend == "torch-tensorrt":
             from .torchtrt import build_torch_tensorrt_engines
 
@@ -167,8 +194,13 @@ def build_engines(bundle_path: str, max_batch: int | None = None, buckets=(), wo
                 with open(os.path.join(tmp, TIMING_CACHE), "wb") as f:
                     f.write(cache_blob)
                 timing_cache = TIMING_CACHE
-        write_json_atomic(os.path.join(tmp, ENGINES_JSON), engines_record(settings, bundle, engines, timing_cache))
-        replace_directory(tmp, final)  # atomic swap where the filesystem has one: a kill leaves old or new engines
+        record = engines_record(settings, bundle, engines, timing_cache)
+        if timing_cache:
+            record["timing_cache_sha256"] = sha256_file(os.path.join(tmp, timing_cache))
+        write_json_atomic(os.path.join(tmp, ENGINES_JSON), record)
+        with swap_lock(bundle.path, shared=False, where=f"build {bundle.path}"):
+            bundle.check_unchanged()  # engines built from graphs that another writer replaced are not installed
+            replace_directory(tmp, final)  # atomic swap where the filesystem has one: a kill leaves old or new engines
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -178,7 +210,7 @@ def build_engines(bundle_path: str, max_batch: int | None = None, buckets=(), wo
 
 def _build_onnx(trt, bundle: Bundle, settings: dict, out_dir: str, cache_blob, verbose: bool, log):
     logger = _logger(trt, verbose)
-    builder = trt.Builder(logger)
+    builder: tensorrt.Builder = trt.Builder(logger)
     engines = []
     it = range(bundle.num_stages)
     if available("tqdm"):
@@ -189,7 +221,7 @@ def _build_onnx(trt, bundle: Bundle, settings: dict, out_dir: str, cache_blob, v
         t0 = time.perf_counter()
         onnx_path = bundle.stage_path(k)  # the portable form (symmetric Q/DQ), never the CPU variant
         network, _parser = _parse(trt, builder, settings["plan"], onnx_path, logger, k)
-        config, cache = _config(trt, builder, settings, k, cache_blob)
+        config, cache = _config(trt, builder, settings, k, cache_blob, log)
         blob = builder.build_serialized_network(network, config)
         if blob is None:
             raise DmpoEdgeError(

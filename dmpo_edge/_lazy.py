@@ -38,19 +38,28 @@ _PROVIDERS = {
 }
 
 
+def _stub_only(mod: types.ModuleType) -> bool:
+    """A namespace package with no code: what type-stub distributions leave behind (``tensorrt-stubs`` installs a
+    bare ``tensorrt/__init__.pyi``, which imports as an empty namespace). It is not the package."""
+    return getattr(mod, "__file__", None) is None and hasattr(mod, "__path__") and "." not in mod.__name__
+
+
 def available(name: str) -> bool:
     """True when ``name`` imports (without raising for a missing or broken install)."""
     try:
-        importlib.import_module(name)
+        mod = importlib.import_module(name)
     except Exception:  # a broken install (e.g. CUDA wheel beside CPU torch) counts as missing
         return False
-    return True
+    return not _stub_only(mod)
 
 
 def require(name: str, purpose: str | None = None) -> types.ModuleType:
     """Import ``name`` or raise one clear :class:`DmpoEdgeError` naming the extra to install."""
     try:
-        return importlib.import_module(name)
+        mod = importlib.import_module(name)
+        if _stub_only(mod):
+            raise ImportError(f"only type stubs of '{name}' are installed")
+        return mod
     except ImportError as exc:
         top = name.split(".")[0]
         extra, hint = _PROVIDERS.get(top, ("dev", None))

@@ -21,11 +21,14 @@ import sys
 import tempfile
 
 from .errors import DmpoEdgeError
+from .locking import swap_lock
+from .manifest_checks import check_agreement, check_data_files
+from .onnx_refs import external_data_files
 from .preprocess import Preprocess
 
 __all__ = [
     "SCHEMA_VERSION", "REGROUP_KEEP_IDX", "Bundle", "validate_manifest", "sha256_file", "write_json_atomic",
-    "atomic_directory", "replace_directory", "safe_join",
+    "atomic_directory", "replace_directory", "safe_join", "remove_dead_temp_files", "shared_file_mode",
 ]
 
 SCHEMA_VERSION = 1
@@ -156,6 +159,9 @@ def _validate_manifest(m) -> dict:
             raise DmpoEdgeError(sw, f"variants must be an object (name -> file, sha256), found {type(variants).__name__}")
         for var in variants.values():
             _check_keys(var, {"file": str, "sha256": str}, sw + " variant")
+        for entry in [st] + list(variants.values()):
+            check_data_files(entry, sw)
+    check_agreement(m)
     th = m.get("thresholds")
     if th is not None:
         vals = th.get("values") if isinstance(th, dict) else None
@@ -178,22 +184,25 @@ def _umask() -> int:
     return 0o022
 
 
+def shared_file_mode(path: str) -> int:
+    """The mode for a file about to replace ``path``: mkstemp makes 0600 files, but a service user on the device
+    must still read what another user compiled or calibrated: keep the replaced file's mode, else umask's."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 def write_json_atomic(path: str, obj) -> None:
     """Write JSON next to ``path`` and rename it into place (a reader sees the old or the new file, never half)."""
     d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix=".json", dir=d)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=False, allow_nan=False)
             f.write("\n")
             f.flush()
-            # mkstemp makes 0600 files: keep the replaced file's mode, else the usual umask mode, so that a
-            # service user on the device can still read a bundle compiled or calibrated by another user
-            try:
-                mode = os.stat(path).st_mode & 0o7777
-            except OSError:
-                mode = 0o666 & ~_umask()
-            os.fchmod(f.fileno(), mode)
+            os.fchmod(f.fileno(), shared_file_mode(path))
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -218,6 +227,15 @@ def _remove_dead_temps(parent: str, base: str) -> None:
         pid = os.path.basename(p)[len(base) + 6:].split("-", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def remove_dead_temp_files(folder: str) -> None:
+    """Temp files of killed writers (``.tmp-<pid>-*`` whose process is gone) in ``folder``."""
+    for p in glob.glob(os.path.join(glob.escape(folder), ".tmp-*")):
+        pid = os.path.basename(p)[5:].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)) and os.path.isfile(p):
+            with contextlib.suppress(OSError):
+                os.unlink(p)
 
 
 def _fsync_tree(root: str) -> None:
@@ -258,10 +276,11 @@ def atomic_directory(final: str, force: bool = False, where: str = "bundle"):
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; a bundle is meant to be shared
         yield tmp
         _fsync_tree(tmp)
+        with swap_lock(final, shared=False, where=where):  # readers loading the old bundle finish first
+            replace_directory(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    replace_directory(tmp, final)
 
 
 def _exchange(a: str, b: str) -> bool:
@@ -311,6 +330,15 @@ class Bundle:
 
     @classmethod
     def load(cls, path: str, verify: bool = True) -> "Bundle":
+        """Read, validate and (``verify``) checksum a bundle, all under the bundle's shared swap lock: a
+        concurrent ``compile --force`` or ``calibrate`` swaps in its files before or after, never during."""
+        if not os.path.isdir(path):
+            return cls._load(path, verify)
+        with swap_lock(path, shared=True, where=f"bundle {path}"):
+            return cls._load(path, verify)
+
+    @classmethod
+    def _load(cls, path: str, verify: bool) -> "Bundle":
         where = f"bundle {path}"
         mpath = os.path.join(path, "manifest.json")
         if not os.path.isdir(path):
@@ -337,18 +365,33 @@ class Bundle:
         return b
 
     def verify(self) -> None:
-        """Every file named by the manifest exists inside the bundle and matches its sha256."""
+        """Every file a stage loads - its graph, the graph's external-data files, its variants - exists inside the
+        bundle, is listed in the manifest and matches its sha256."""
+        where = f"bundle {self.path}"
         for st in self.stages:
-            entries = [(st["file"], st["sha256"])] + [(v["file"], v["sha256"]) for v in (st.get("variants") or {}).values()]
-            for name, digest in entries:
-                p = safe_join(self.path, name, f"bundle {self.path}")
-                if not os.path.isfile(p):
-                    raise DmpoEdgeError(f"bundle {self.path}", f"stage file '{name}' is missing. Copy the whole bundle folder again")
-                if sha256_file(p) != digest:
-                    raise DmpoEdgeError(
-                        f"bundle {self.path}",
-                        f"stage file '{name}' fails its sha256 check (damaged or edited). Copy the bundle again or recompile",
-                    )
+            for entry in [st] + list((st.get("variants") or {}).values()):
+                graph = self._check_file(entry["file"], entry["sha256"], "stage file")
+                listed = {}
+                for d in entry.get("data_files") or []:
+                    listed[os.path.normpath(d["file"])] = self._check_file(d["file"], d["sha256"], "external-data file")
+                base = os.path.dirname(entry["file"])
+                for loc in sorted(external_data_files(graph)):
+                    name = os.path.normpath(os.path.join(base, loc))
+                    safe_join(self.path, name, where)  # a graph may not read outside the bundle either
+                    if name not in listed:
+                        raise DmpoEdgeError(where, f"stage file '{entry['file']}' loads weights from '{loc}', which the "
+                                            "manifest does not list (so no checksum covers it). Recompile the bundle")
+
+    def _check_file(self, name: str, digest: str, what: str) -> str:
+        p = safe_join(self.path, name, f"bundle {self.path}")
+        if not os.path.isfile(p):
+            raise DmpoEdgeError(f"bundle {self.path}", f"{what} '{name}' is missing. Copy the whole bundle folder again")
+        if sha256_file(p) != digest:
+            raise DmpoEdgeError(
+                f"bundle {self.path}",
+                f"{what} '{name}' fails its sha256 check (damaged or edited). Copy the bundle again or recompile",
+            )
+        return p
 
     # --- accessors -------------------------------------------------------------------------
     @property
@@ -391,10 +434,38 @@ class Bundle:
             name = st["variants"][variant]["file"]
         return safe_join(self.path, name, f"bundle {self.path}")
 
-    def update_manifest(self, changes: dict) -> None:
-        """Merge top-level ``changes`` into the manifest and write it atomically (calibrate uses this)."""
+    def update_manifest(self, changes: dict, before_write=None) -> None:
+        """Merge top-level ``changes`` into the manifest and write it atomically (calibrate uses this).
+
+        Under the swap lock, the bundle on disk is first checked to still be the one this object describes
+        (same stage files, same checksums); another writer that replaced it meanwhile - a ``compile --force``, a
+        copy - is reported instead of having this stale manifest written over its files. ``before_write()``
+        runs after that check, still under the lock (calibrate writes its reports there).
+        """
         m = dict(self.manifest)
         m.update(changes)
         validate_manifest(m)
-        write_json_atomic(os.path.join(self.path, "manifest.json"), m)
+        with swap_lock(self.path, shared=False, where=f"bundle {self.path}"):
+            self.check_unchanged()
+            if before_write is not None:
+                before_write()
+            write_json_atomic(os.path.join(self.path, "manifest.json"), m)
         self.manifest = m
+
+    def check_unchanged(self) -> None:
+        """The bundle on disk still has the stage files this object was loaded with, each matching its sha256."""
+        try:
+            on_disk = Bundle._load(self.path, verify=False)
+        except DmpoEdgeError as exc:
+            raise DmpoEdgeError(f"bundle {self.path}", f"changed while this command ran ({exc.message}). Nothing was "
+                                "written; run the command again") from None
+        if _graph_entries(on_disk.manifest) != _graph_entries(self.manifest):
+            raise DmpoEdgeError(f"bundle {self.path}", "was replaced by another writer (a compile, a copy) while this "
+                                "command ran. Nothing was written; run the command again on the new bundle")
+        self.verify()
+
+
+def _graph_entries(m: dict) -> list:
+    """What identifies a bundle's graphs: every stage's files and checksums (thresholds and reports may differ)."""
+    return [json.dumps({k: st.get(k) for k in ("file", "sha256", "variants", "data_files", "inputs", "outputs")},
+                       sort_keys=True) for st in m["stages"]]

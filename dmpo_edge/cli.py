@@ -25,11 +25,13 @@ COMMANDS = {
     "run": "classify frames from a folder, video, camera or GStreamer pipeline with early exits",
     "bench": "trtexec-style latency benchmark of the early-exit pipeline against the static model",
     "demo": "the whole job on digits or fashion-mnist: tune, compile --int8, calibrate, run, bench, summary",
+    "serve": "serve a bundle over HTTP and gRPC with Triton Inference Server (PyTriton; the 'serve' extra)",
+    "export-triton": "write a Triton model repository (Python backend, dynamic batching) for a bundle",
 }
 
 
 def _module_name(cmd: str) -> str:
-    return "dmpo_edge.commands." + ("eval_" if cmd == "eval" else cmd)
+    return "dmpo_edge.commands." + ("eval_" if cmd == "eval" else cmd.replace("-", "_"))
 
 
 def build_parser(with_commands: str | None = None) -> argparse.ArgumentParser:
@@ -43,6 +45,9 @@ def build_parser(with_commands: str | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext, description=helptext)
         if name == with_commands:
             importlib.import_module(_module_name(name)).add_arguments(p)
+            if "--verbose" not in p._option_string_actions:
+                p.add_argument("--verbose", action="store_true",
+                               help="show library warnings and decoder output in full (default: one summary line)")
     return parser
 
 
@@ -54,9 +59,26 @@ def main(argv=None) -> int:
         if args.command is None:
             build_parser().print_help()
             return 0
-        return int(importlib.import_module(_module_name(args.command)).run(args) or 0)
+        from .quiet import library_output_collected
+
+        with library_output_collected(verbose=bool(getattr(args, "verbose", False))) as noise:
+            try:
+                rc = int(importlib.import_module(_module_name(args.command)).run(args) or 0)
+            except DmpoEdgeError as exc:
+                err = exc
+            else:
+                err = None
+        hidden = noise.summary()
+        if err is not None:
+            raise err
+        if hidden:
+            print(f"dmpo-edge: note: {hidden}", file=sys.stderr)
+        return rc
     except DmpoEdgeError as exc:
-        print(f"dmpo-edge: error: {exc}", file=sys.stderr)
+        from .terminal import printable  # file names and class names may carry escapes or undecodable bytes
+
+        hidden = locals().get("hidden")
+        print(f"dmpo-edge: error: {printable(exc)}" + (f" ({hidden})" if hidden else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dmpo-edge: interrupted", file=sys.stderr)

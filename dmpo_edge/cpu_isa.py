@@ -16,7 +16,6 @@ Stdlib only: the runtime imports this to warn when a CPU form runs on a CPU of a
 from __future__ import annotations
 
 import functools
-import os
 import platform
 
 __all__ = ["CpuIsa", "detect", "from_flags", "ISA_NAMES", "class_of", "saturates_u8s8", "mismatch_warning"]

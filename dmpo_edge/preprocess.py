@@ -19,6 +19,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: largest resize / crop side accepted (a network input far beyond any edge model's)
 MAX_SIDE = 8192
+#: bounds of a sane normalisation on the [0, 1] pixel scale (see Preprocess)
+MIN_STD, MAX_NORM = 1e-3, 255.0
 
 
 def to_rgb_uint8(image: np.ndarray, where: str = "preprocess") -> np.ndarray:
@@ -64,10 +66,12 @@ def resize_bilinear(image: np.ndarray, height: int, width: int, window: tuple | 
     x1 = np.minimum(x0 + 1, w - 1)
     wy = (ys - y0)[:, None, None]
     wx = (xs - x0)[None, :, None]
-    img = image.astype(np.float32)
-    y0, y1, x0, x1 = y0[:, None], y1[:, None], x0[None, :], x1[None, :]  # gather out_h x out_w only
-    top_row = img[y0, x0] * (1 - wx) + img[y0, x1] * wx
-    bot_row = img[y1, x0] * (1 - wx) + img[y1, x1] * wx
+    # gather out_h x out_w pixels from the source as it is (uint8), then convert only those: converting the
+    # whole image first cost 12000 x 12000 x 3 float32 = 1.7 GB for one frame; now memory follows the window
+    y0, y1, x0, x1 = y0[:, None], y1[:, None], x0[None, :], x1[None, :]
+    f32 = np.float32
+    top_row = image[y0, x0].astype(f32) * (1 - wx) + image[y0, x1].astype(f32) * wx
+    bot_row = image[y1, x0].astype(f32) * (1 - wx) + image[y1, x1].astype(f32) * wx
     return top_row * (1 - wy) + bot_row * wy
 
 
@@ -120,6 +124,12 @@ class Preprocess:
             raise DmpoEdgeError("preprocess", "mean and std need 3 values (R, G, B)")
         if not all(math.isfinite(v) for v in self.mean + self.std) or not all(v > 0 for v in self.std):
             raise DmpoEdgeError("preprocess", f"mean {list(self.mean)} / std {list(self.std)} must be finite, std > 0")
+        # Pixels are scaled to [0, 1] first: a std below 1e-3 (1e-300 is 0 in float32) or a mean far outside the
+        # pixel range turns every input into huge values that overflow FP16 graphs; such a record is a mistake.
+        if not all(MIN_STD <= v <= MAX_NORM for v in self.std) or not all(abs(v) <= MAX_NORM for v in self.mean):
+            raise DmpoEdgeError("preprocess", f"mean {list(self.mean)} / std {list(self.std)} are not on the [0, 1] pixel "
+                                f"scale (std in [{MIN_STD:g}, {MAX_NORM:g}], |mean| <= {MAX_NORM:g}; ImageNet's are "
+                                f"{list(IMAGENET_MEAN)} / {list(IMAGENET_STD)})")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -12,7 +12,32 @@ import numpy as np
 from ..errors import DmpoEdgeError
 from ._common import input_shape
 
-__all__ = ["check_batch", "nonfinite_rows"]
+__all__ = ["check_batch", "nonfinite_rows", "check_int", "check_float", "MAX_IN_FLIGHT"]
+
+#: batches in flight at most: stage 0 gets one worker thread per batch in flight, and past a few dozen more
+#: threads only add contention (100,000 used to start threads for 21 s until the OS refused)
+MAX_IN_FLIGHT = 64
+
+
+def check_int(value, name: str, where: str, lo: int = 1, hi: int = 1 << 16) -> int:
+    """An integer in [lo, hi]: refuses booleans, strings, floats with a fraction, NaN / inf and huge numbers."""
+    ok = not isinstance(value, (bool, str, bytes)) and isinstance(value, (int, np.integer, float, np.floating))
+    if ok and isinstance(value, (float, np.floating)):
+        ok = bool(np.isfinite(value)) and float(value).is_integer()
+    if not ok or not lo <= int(value) <= hi:
+        raise DmpoEdgeError(where, f"{name} {value!r} must be an integer in {lo}..{hi}")
+    return int(value)
+
+
+def check_float(value, name: str, where: str, lo: float = 0.0, hi: float = 3.6e6) -> float:
+    """A finite number in [lo, hi] (no NaN, no inf, no 1e300 that overflows a timeout)."""
+    try:
+        ok = not isinstance(value, (bool, str, bytes)) and np.isfinite(float(value)) and lo <= float(value) <= hi
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise DmpoEdgeError(where, f"{name} {value!r} must be a finite number in [{lo:g}, {hi:g}]")
+    return float(value)
 
 
 def nonfinite_rows(x: np.ndarray) -> np.ndarray:

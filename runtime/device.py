@@ -12,6 +12,14 @@ Nothing here launches a kernel: survivors are regrouped by the ``keep_idx`` gath
 graph, so the device layer only moves bytes - and, for the TensorRT backend's CUDA graphs, captures a
 stream's work into a graph and replays it (``begin_capture`` / ``end_capture`` / ``launch_graph`` /
 ``destroy_graph``; capture is thread-local, so other stages' threads keep working meanwhile).
+
+CUDA graphs exist on the cuda-python layer only. No pycuda release has stream capture (its ``Stream`` has
+``synchronize``, ``is_done``, ``wait_for_event`` and ``handle``; graph support lives in unmerged pull requests
+of inducer/pycuda), so :meth:`PycudaDevice.graphs_supported` is False and the TensorRT backend says so once in
+its log and runs without graphs.
+
+Which cuda-python: ``cuda-bindings`` 13.x needs a CUDA 13 driver; 12.x runs on CUDA 12 and 13 drivers
+(JetPack 6 is CUDA 12.6). The ``trt`` / ``trt-cu12`` extras pin ``cuda-python>=12.6,<13``, ``trt-cu13`` pins 13.x.
 """
 
 from __future__ import annotations
@@ -61,11 +69,15 @@ class Device:
     def malloc(self, nbytes: int) -> DeviceBuffer: ...
     def stream(self): ...
     def stream_handle(self, stream) -> int: ...
+    def destroy_stream(self, stream) -> None:
+        """Release a stream from :meth:`stream` (no-op where the binding frees it with its last reference)."""
     def event(self): ...
     def timing_event(self):
         """An event that records a timestamp (``event()`` may skip timing to be cheaper)."""
     def elapsed_ms(self, start, end) -> float:
         """Device time between two completed timing events, in milliseconds."""
+    def destroy_event(self, event) -> None:
+        """Release an event from :meth:`event` / :meth:`timing_event` (no-op where the binding frees it itself)."""
     def record(self, event, stream) -> None: ...
     def wait_event(self, stream, event) -> None: ...
     def synchronize(self, stream) -> None: ...
@@ -159,25 +171,9 @@ class PycudaDevice(Device):
     def dtod_async(self, dst, src, nbytes, stream):
         self.cuda.memcpy_dtod_async(int(dst), int(src), int(nbytes), stream)
 
-    def graphs_supported(self):
-        # pycuda >= 2022.1: Stream.begin_capture / end_capture -> Graph, Graph.instantiate -> GraphExec.
-        return hasattr(self.cuda.Stream, "begin_capture") and hasattr(self.cuda.Stream, "end_capture")
-
-    def begin_capture(self, stream):
-        mode = getattr(getattr(self.cuda, "capture_mode", None), "THREAD_LOCAL", None)
-        if mode is None:
-            stream.begin_capture()
-        else:
-            stream.begin_capture(mode)
-
-    def end_capture(self, stream):
-        return stream.end_capture().instantiate()
-
-    def launch_graph(self, graph, stream):
-        graph.launch(stream)
-
-    def destroy_graph(self, graph):
-        pass  # pycuda frees the executable graph when the last reference goes
+    # No graphs_supported() override: no pycuda release (2024.1.2 to 2026.1) has stream capture, so CUDA
+    # graphs run through the cuda-python layer only (see the module docstring). pycuda's Stream and Event are
+    # freed with their last reference, so destroy_stream / destroy_event stay no-ops.
 
     def close(self):
         with contextlib.suppress(Exception):
@@ -244,8 +240,16 @@ class CudaPythonDevice(Device):
     def stream_handle(self, stream):
         return int(stream)
 
+    def destroy_stream(self, stream):
+        if stream is not None:
+            self.rt.cudaStreamDestroy(stream)  # cuda-python does not free streams when the Python object goes
+
     def event(self):
         return self._ok(self.rt.cudaEventCreateWithFlags(self.rt.cudaEventDisableTiming), "cudaEventCreate")
+
+    def destroy_event(self, event):
+        if event is not None:
+            self.rt.cudaEventDestroy(event)
 
     def timing_event(self):
         return self._ok(self.rt.cudaEventCreateWithFlags(self.rt.cudaEventDefault), "cudaEventCreate")
@@ -284,9 +288,19 @@ class CudaPythonDevice(Device):
 
     def end_capture(self, stream):
         # Always called after begin_capture, even when the enqueue failed: it takes the stream out of capture.
-        graph = self._ok(self.rt.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
+        # A failed capture (cudaErrorStreamCaptureInvalidated, ...) also leaves its error as the thread's last
+        # error; cudaGetLastError clears it so that the next unrelated call does not report it.
+        err, graph = self.rt.cudaStreamEndCapture(stream)
+        if int(err) != 0:
+            self.rt.cudaGetLastError()
+            if graph:  # an invalidated capture may still hand back a graph: free it
+                self.rt.cudaGraphDestroy(graph)
+            self._ok((err,), "cudaStreamEndCapture")
         try:
-            return self._ok(self.rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+            res = self.rt.cudaGraphInstantiate(graph, 0)
+            if int(res[0]) != 0:
+                self.rt.cudaGetLastError()
+            return self._ok(res, "cudaGraphInstantiate")
         finally:
             self.rt.cudaGraphDestroy(graph)  # the executable graph does not need its template
 
@@ -303,10 +317,26 @@ class CudaPythonDevice(Device):
         self._pinned = []
 
 
+def _cuda_python_importable() -> bool:
+    return available("cuda.bindings.runtime") or available("cuda.cudart")
+
+
 def get_device(impl: str = "auto", index: int = 0) -> Device:
-    """``pycuda`` or ``cuda-python`` (``auto``: pycuda when it imports, else cuda-python)."""
+    """``pycuda`` or ``cuda-python``. ``auto``: cuda-python when it imports and answers (it is the layer with CUDA
+    graphs), else pycuda; a cuda-python built for a newer CUDA major than the driver fails to answer and falls
+    back to pycuda here instead of failing."""
     if impl == "auto":
-        impl = "pycuda" if available("pycuda.driver") else "cuda-python"
+        first_error = None
+        for name, importable in (("cuda-python", _cuda_python_importable()), ("pycuda", available("pycuda.driver"))):
+            if not importable:
+                continue
+            try:
+                return get_device(name, index)
+            except DmpoEdgeError as exc:
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+        impl = "cuda-python"  # neither imports: require() names the extra to install
     if impl == "pycuda":
         return PycudaDevice(index)
     if impl in ("cuda-python", "cuda", "cudart"):
@@ -316,16 +346,21 @@ def get_device(impl: str = "auto", index: int = 0) -> Device:
 
 def cuda_device_present() -> bool:
     """True when a CUDA device answers (never raises)."""
-    try:
-        if available("pycuda.driver"):
+    if _cuda_python_importable():
+        try:
+            err, n = _cudart().cudaGetDeviceCount()
+            if int(err) == 0 and n > 0:
+                return True
+        except Exception:
+            pass
+    if available("pycuda.driver"):
+        try:
             cuda = require("pycuda.driver")
             cuda.init()
             return cuda.Device.count() > 0
-        rt = _cudart()
-        err, n = rt.cudaGetDeviceCount()
-        return int(err) == 0 and n > 0
-    except Exception:
-        return False
+        except Exception:
+            pass
+    return False
 
 
 def device_info(dev: Device | None = None) -> dict:

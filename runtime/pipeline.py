@@ -1,5 +1,9 @@
 """The early-exit pipeline: batches flow through stage workers, exits leave, survivors regroup on the device.
 
+(Over 500 lines on purpose: submit/predict/results/close and the stage workers share one condition variable
+and its counters - batches in flight, groups upstream of each stage, caller-thread runs - and every invariant
+of that lock is visible in this one file; split, each half would hold half of them.)
+
 One worker thread per stage; stage 0, which every sample passes and where most leave, has one per
 batch in flight when the backend takes concurrent calls (ONNX Runtime), so that batches in flight
 keep every core busy there too. A *group* is the unit of work: some rows of one or more submitted batches
@@ -37,6 +41,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
+import os
 import queue
 import threading
 import time
@@ -45,9 +50,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import DmpoEdgeError
+from ..locking import swap_lock
 from ._common import as_bundle
 from .backends import Backend, get_backend
-from .checks import check_batch
+from .checks import MAX_IN_FLIGHT, check_batch, check_int
 
 __all__ = ["Pipeline", "Results", "StageStats"]
 
@@ -144,8 +150,10 @@ class _Group:
 
 def _check_thresholds(values, num_stages: int, where="thresholds") -> tuple:
     try:
+        if isinstance(values, (str, bytes)) or any(isinstance(v, (str, bytes, bool)) for v in values):
+            raise TypeError("text")  # "999" is not [9, 9, 9]
         vals = tuple(float(v) for v in values)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise DmpoEdgeError(where, f"{values!r} is not a list of numbers. Expected {num_stages - 1} floats (one per early exit)") from None
     if len(vals) != num_stages - 1:
         raise DmpoEdgeError(where, f"got {len(vals)} thresholds, expected {num_stages - 1} (one per early exit; the last exit takes everyone)")
@@ -221,9 +229,7 @@ class Pipeline:
         self._thresholds = _check_thresholds(thresholds, self.num_stages)
         self.backend.activate()
         self.max_batch = backend.max_batch  # TensorRT engines may be built for less than the manifest's max batch
-        if not isinstance(max_in_flight, int) or max_in_flight < 1:
-            raise DmpoEdgeError("pipeline", f"max_in_flight {max_in_flight!r} must be a positive integer")
-        self.max_in_flight = max_in_flight
+        self.max_in_flight = check_int(max_in_flight, "max_in_flight", "pipeline", 1, MAX_IN_FLIGHT)
         self.buckets = _check_buckets(buckets, self.max_batch)
         use = getattr(backend, "use_buckets", None)
         if use is not None:
@@ -234,6 +240,7 @@ class Pipeline:
         self._stats_lock = threading.Lock()
         self._cv = threading.Condition()
         self._pending = collections.deque()  # batches in submit order, not yet handed out by results()
+        self._private = []  # one deque of batches per predict() call in progress (close() fails them too)
         self._in_flight = 0
         self._next_id = 0
         self._closed = False
@@ -267,10 +274,16 @@ class Pipeline:
         """
         if isinstance(backend, Backend):
             return cls(backend.bundle, backend, thresholds, max_in_flight, buckets, refill, refill_wait_ms)
-        bundle = as_bundle(path_or_bundle)
-        kind = backend if isinstance(backend, type) else get_backend(backend, bundle)
-        opts = _default_backend_options(kind, bundle, max_in_flight, dict(backend_options or {}))
-        be = kind(bundle, **opts)
+        # Load, verify and create the sessions under the bundle's shared swap lock: a compile or calibrate
+        # swapping the bundle meanwhile waits, so the sessions come from the files that were verified.
+        reading = (swap_lock(str(path_or_bundle), shared=True) if isinstance(path_or_bundle, (str, os.PathLike))
+                   and os.path.isdir(path_or_bundle) else contextlib.nullcontext())
+        with reading:
+            bundle = as_bundle(path_or_bundle)
+            kind = backend if isinstance(backend, type) else get_backend(backend, bundle)
+            opts = _default_backend_options(kind, bundle, max_in_flight, dict(backend_options or {}))
+            be = kind(bundle, **opts)
+            be.activate()  # sessions / engines are created here, from the verified files
         try:
             return cls(bundle, be, thresholds, max_in_flight, buckets, refill, refill_wait_ms)
         except BaseException:
@@ -305,7 +318,11 @@ class Pipeline:
         """
         if not _checked:
             x = check_batch(self.bundle, x, where="pipeline submit")
-        thr = self._batch_thresholds(thresholds, exits)
+        self._enqueue(x, tag, return_logits, self._batch_thresholds(thresholds, exits), self._pending)
+
+    def _enqueue(self, x, tag, return_logits: bool, thr: tuple, owner) -> "_Batch":
+        """Queue one checked batch; ``owner`` is the collection that hands its result out (``_pending`` for
+        submit(), a predict() call's own set, so that concurrent predict() calls never take each other's)."""
         with self._cv:
             if self._closed:
                 raise DmpoEdgeError("pipeline", "submit() after close(). Build a new Pipeline")
@@ -315,12 +332,12 @@ class Pipeline:
                     raise DmpoEdgeError("pipeline", "the pipeline was closed while submit() waited")
             batch = _Batch(self._next_id, tag, x, thr, return_logits, self.num_classes)
             self._next_id += 1
-            self._pending.append(batch)
+            owner.append(batch)
             if batch.n == 0:
                 batch.t_done = batch.t_submit
                 batch.done.set()
                 self._cv.notify_all()
-                return
+                return batch
             self._in_flight += 1
             starts = list(range(0, batch.n, self.max_batch))
             for k in range(1, self.num_stages):
@@ -328,6 +345,7 @@ class Pipeline:
         for s in starts:
             rows = np.arange(s, min(s + self.max_batch, batch.n), dtype=np.int64)
             self._queues[0].put(_Group([batch], [rows]))
+        return batch
 
     def _batch_thresholds(self, thresholds, exits: bool) -> tuple:
         if not exits:
@@ -350,6 +368,8 @@ class Pipeline:
                         return
                     while not batch.done.is_set():
                         self._cv.wait(0.5)
+                if not self._pending or self._pending[0] is not batch:
+                    continue  # another thread's results() took it while this one waited: look at the new head
                 self._pending.popleft()
             if batch.error is not None:
                 raise _batch_failure(batch)
@@ -369,26 +389,30 @@ class Pipeline:
 
     def _run(self, x, return_logits, batch_size, thresholds, exits) -> Results:
         x = check_batch(self.bundle, x, where="pipeline predict")  # the only check: submit() trusts it
-        bs = self.max_batch if batch_size is None else int(batch_size)
-        if bs < 1:
-            raise DmpoEdgeError("pipeline predict", f"batch_size {batch_size!r} must be a positive integer")
-        with self._cv:
-            if self._pending:
-                raise DmpoEdgeError("pipeline predict", "results of earlier submit() calls are still pending. "
-                                    "Collect them with results() before predict(), or use a second Pipeline")
+        bs = self.max_batch if batch_size is None else check_int(batch_size, "batch_size", "pipeline predict", 1, 1 << 30)
         n = x.shape[0]
+        thr = self._batch_thresholds(thresholds, exits)
         if n <= min(bs, self.max_batch):
-            thr = self._batch_thresholds(thresholds, exits)
             batch = self._claim_caller_thread(x, thr, return_logits)
             if batch is not None:
                 return self._run_in_caller_thread(batch)
-        marker = object()
-        parts = []
-        for s in range(0, max(n, 1), bs):
-            self.submit(x[s:s + bs], tag=marker, return_logits=return_logits, thresholds=thresholds, exits=exits,
-                        _checked=True)
-            parts.extend(r for _, r in self.results(wait=False))
-        parts.extend(r for _, r in self.results(wait=True))
+        # This call's batches are its own (not in the submit()/results() order): predict() from several threads,
+        # or beside a submit() stream, gets exactly its own rows back.
+        mine = collections.deque()
+        with self._cv:
+            self._private.append(mine)
+        try:
+            for s in range(0, max(n, 1), bs):
+                self._enqueue(x[s:s + bs], None, return_logits, thr, mine)
+            parts = []
+            for batch in mine:
+                batch.done.wait()
+                if batch.error is not None:
+                    raise _batch_failure(batch)
+                parts.append(batch.results())
+        finally:
+            with self._cv:
+                self._private.remove(mine)
         return Results.concat(parts)
 
     def _claim_caller_thread(self, x, thr, want_logits) -> _Batch | None:
@@ -449,7 +473,7 @@ class Pipeline:
         for w in self._workers:
             w.join(timeout=30)
         with self._cv:
-            for b in self._pending:
+            for b in [*self._pending, *(b for mine in self._private for b in mine)]:
                 if not b.done.is_set():
                     b.error = DmpoEdgeError("pipeline", "closed before this batch finished")
                     b.done.set()

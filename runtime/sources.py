@@ -32,7 +32,7 @@ import numpy as np
 
 from .._lazy import available, require
 from ..errors import DmpoEdgeError
-from ..images import IMAGE_EXTENSIONS, load_image
+from ..images import IMAGE_EXTENSIONS, MAX_FILE_BYTES, read_regular_file, load_image
 
 __all__ = ["Frame", "FrameSource", "open_source", "ImageFolderSource", "VideoSource", "GstLaunchSource",
            "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "is_gstreamer_uri", "opencv_has_gstreamer"]
@@ -90,12 +90,13 @@ class FrameSource:
         return f
 
 
-def _decode_image(path: str) -> np.ndarray:
-    """Pillow first (the calibration set's decoder), OpenCV when Pillow is absent."""
+def _decode_image(path: str, max_bytes: int | None = None, max_pixels: int | None = None) -> np.ndarray:
+    """Pillow first (the calibration set's decoder), OpenCV when Pillow is absent; regular files within the limits."""
     if available("PIL.Image"):
-        return load_image(path)
+        return load_image(path, max_bytes=max_bytes, max_pixels=max_pixels)
     cv2 = require("cv2", "decoding images")
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    data = np.frombuffer(read_regular_file(path, MAX_FILE_BYTES if max_bytes is None else int(max_bytes)), np.uint8)
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if img is None:
         raise DmpoEdgeError(f"image {path}", "cannot decode. Expected a readable image file")
     return np.ascontiguousarray(img[:, :, ::-1])
@@ -104,12 +105,15 @@ def _decode_image(path: str) -> np.ndarray:
 class ImageFolderSource(FrameSource):
     """Images of a folder (and its sub-folders) in sorted path order; or a single image file."""
 
-    def __init__(self, path: str, skip_bad: bool = False):
+    def __init__(self, path: str, skip_bad: bool = False, max_file_bytes: int | None = None, max_pixels: int | None = None):
         super().__init__()
         self.uri = path
         self.skip_bad = skip_bad
-        self.skipped = []
-        if os.path.isfile(path):
+        self.limits = {"max_bytes": max_file_bytes, "max_pixels": max_pixels}
+        self.skipped = []  # paths of the images skipped with skip_bad, one entry each
+        self.skip_reasons = []  # why, in the same order
+        self.ignored = []  # files in the folder that are not images by their extension (GIFs, videos, text)
+        if not os.path.isdir(path):  # one file (a FIFO or device here is refused when read, not hung on)
             self.files = [(path, None)]
         else:
             files = []
@@ -118,7 +122,11 @@ class ImageFolderSource(FrameSource):
                 rel = os.path.relpath(root, path)
                 label = None if rel == "." else rel.split(os.sep)[0]
                 files += [(os.path.join(root, n), label) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+                # GIFs, videos, notes: not frames of an image folder, but said so (summary "ignored"), not hidden
+                self.ignored += [os.path.join(root, n) for n in names
+                                 if not n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
             self.files = sorted(files)
+            self.ignored.sort()
             if not self.files:
                 raise DmpoEdgeError(f"source {path}", f"folder has no images. Expected files ending in {', '.join(IMAGE_EXTENSIONS)}")
         self.expected_frames = len(self.files)
@@ -129,10 +137,11 @@ class ImageFolderSource(FrameSource):
             path, label = self.files[self._pos]
             self._pos += 1
             try:
-                img = _decode_image(path)
+                img = _decode_image(path, **self.limits)
             except DmpoEdgeError as exc:
                 if self.skip_bad:
                     self.skipped.append(path)
+                    self.skip_reasons.append(exc.message)
                     continue
                 raise DmpoEdgeError(f"source {self.uri}", f"image {self._pos} of {len(self.files)} "
                                     f"('{os.path.relpath(path, self.uri) if os.path.isdir(self.uri) else path}') "
@@ -304,7 +313,7 @@ def _split_pipeline(text: str) -> list:
 
 
 def open_source(uri, width: int | None = None, height: int | None = None, skip_bad: bool = False,
-                gst: str = "auto") -> FrameSource:
+                gst: str = "auto", max_file_bytes: int | None = None, max_pixels: int | None = None) -> FrameSource:
     """Open a frame source from a URI (see the module doc). ``width``/``height``: camera or GStreamer frame size.
 
     ``gst``: ``auto`` (OpenCV's GStreamer when it has one, else gst-launch-1.0), ``opencv`` or ``launch``.
@@ -328,10 +337,13 @@ def open_source(uri, width: int | None = None, height: int | None = None, skip_b
         return VideoSource(uri, live=True, uri=uri)
     path = uri[7:] if uri.startswith("file://") else uri
     if os.path.isdir(path):
-        return ImageFolderSource(path, skip_bad=skip_bad)
+        return ImageFolderSource(path, skip_bad=skip_bad, max_file_bytes=max_file_bytes, max_pixels=max_pixels)
     if not os.path.exists(path):
         raise DmpoEdgeError(f"source {uri}", "does not exist. Expected an image folder, an image or video file, a camera "
                             "index or /dev/videoN, or a GStreamer pipeline (gst:...)")
+    if not os.path.isfile(path):  # a FIFO named clip.mp4 would block the decoder forever
+        raise DmpoEdgeError(f"source {uri}", "is not a regular file (a FIFO, device or socket). Expected an image folder, "
+                            "an image or video file, a camera, or a GStreamer pipeline (gst:...)")
     if path.lower().endswith(IMAGE_EXTENSIONS):
-        return ImageFolderSource(path, skip_bad=skip_bad)
+        return ImageFolderSource(path, skip_bad=skip_bad, max_file_bytes=max_file_bytes, max_pixels=max_pixels)
     return VideoSource(path, uri=uri)

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import DmpoEdgeError
-from ._common import as_bundle
+from .checks import MAX_IN_FLIGHT, check_float, check_int
 from .pipeline import Pipeline
 from .sources import FrameSource, open_source
 
@@ -61,17 +61,27 @@ class Stream:
     def __init__(self, bundle, source, batch: int | None = None, max_wait_ms: float = 20.0, realtime: bool | None = None,
                  limit: int | None = None, pipeline: Pipeline | None = None, backend="auto", thresholds=None,
                  max_in_flight: int = 2, width: int | None = None, height: int | None = None, skip_bad: bool = False,
-                 queue_frames: int | None = None, pipeline_options: dict | None = None):
-        self.bundle = pipeline.bundle if pipeline is not None else as_bundle(bundle)
+                 queue_frames: int | None = None, pipeline_options: dict | None = None, max_file_bytes: int | None = None,
+                 max_pixels: int | None = None):
+        # numbers first, before a thread or a session exists: inf / 1e300 ms, batch 0, limit -1 are mistakes
+        where = "stream"
+        batch = None if batch is None else check_int(batch, "batch", where)
+        max_wait_ms = check_float(max_wait_ms, "max_wait_ms", where, 0.0, 60_000.0)
+        limit = None if limit is None else check_int(limit, "limit", where, 1, 1 << 62)
+        max_in_flight = check_int(max_in_flight, "max_in_flight", where, 1, MAX_IN_FLIGHT)
+        # The pipeline is built from the path itself: it loads, verifies and creates the sessions under the
+        # bundle's shared swap lock, so a compile or calibrate cannot swap files in between.
+        self._own_pipeline = pipeline is None
+        self.pipeline = pipeline or Pipeline.from_bundle(bundle, backend=backend, thresholds=thresholds,
+                                                         max_in_flight=max_in_flight, **(pipeline_options or {}))
+        self.bundle = self.pipeline.bundle
         self._own_source = not isinstance(source, FrameSource)
-        self.source = open_source(source, width=width, height=height, skip_bad=skip_bad) if self._own_source else source
         try:
-            self._own_pipeline = pipeline is None
-            self.pipeline = pipeline or Pipeline.from_bundle(self.bundle, backend=backend, thresholds=thresholds,
-                                                             max_in_flight=max_in_flight, **(pipeline_options or {}))
+            self.source = open_source(source, width=width, height=height, skip_bad=skip_bad, max_file_bytes=max_file_bytes,
+                                      max_pixels=max_pixels) if self._own_source else source
         except BaseException:
-            if self._own_source:
-                self.source.close()
+            if self._own_pipeline:
+                self.pipeline.close()
             raise
         self.batch = int(batch or min(8, self.bundle.max_batch))
         if not 1 <= self.batch <= 1 << 16:
@@ -266,6 +276,9 @@ class Stream:
             out["labelled"] = self.labelled
         if getattr(self.source, "skipped", None):
             out["skipped"] = list(self.source.skipped)
+            out["skip_reasons"] = list(getattr(self.source, "skip_reasons", []))
+        if getattr(self.source, "ignored", None):
+            out["ignored"] = list(self.source.ignored)
         if self.frames_failed:
             out["frames_failed"] = self.frames_failed
         if self.error is not None:
@@ -279,6 +292,7 @@ def stream(bundle, source, **kw) -> Stream:
     Keywords: ``batch`` (frames per micro-batch, default min(8, max_batch)), ``max_wait_ms`` (20),
     ``realtime`` (default: True for cameras/live pipelines, False for files and folders), ``limit``
     (stop after N frames), ``backend`` (auto), ``thresholds``, ``max_in_flight``, ``pipeline`` (reuse a
-    Pipeline), ``width``/``height`` (camera / GStreamer frame size), ``skip_bad`` (skip undecodable images).
+    Pipeline), ``width``/``height`` (camera / GStreamer frame size), ``skip_bad`` (skip undecodable images),
+    ``max_file_bytes`` / ``max_pixels`` (per-image limits checked before decoding; see dmpo_edge.images).
     """
     return Stream(bundle, source, **kw)

@@ -8,6 +8,7 @@ import pytest
 from dmpo_edge.cli import main
 
 
+@pytest.mark.slow  # tune (reused checkpoint), compile, calibrate, run, eval and bench: about 90 s on 2 cores
 def test_demo_runs_the_whole_job_and_its_summary_matches_eval_and_bench(tiny_checkpoint, tmp_path, capsys):
     work = tmp_path / "demo"
     code = main(["demo", "--model", tiny_checkpoint, "--workdir", str(work), "--precision", "fp32", "--calib-count", "64",

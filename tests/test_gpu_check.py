@@ -34,14 +34,22 @@ def _load(name: str, file: str):
 
 @pytest.fixture(scope="module")
 def gc():
-    return _load("gpu_check_script", "gpu_check.py")  # also puts benchmarks/ on sys.path for its helpers
+    """The check modules (benchmarks/gpu_checks/), imported the way the driver imports them."""
+    _load("gpu_check_script", "gpu_check.py")  # puts benchmarks/ on sys.path for the gpu_checks package
+    import types
+
+    from gpu_checks import bundles, kit, reference
+
+    return types.SimpleNamespace(**{n: getattr(m, n) for m in (reference, bundles, kit) for n in m.__all__})
 
 
 @pytest.fixture(scope="module")
 def gdc(gc):
-    import gpu_device_checks
+    import types
 
-    return gpu_device_checks
+    from gpu_checks import device, host_device, regroup
+
+    return types.SimpleNamespace(**{n: getattr(m, n) for m in (device, host_device, regroup) for n in m.__all__})
 
 
 def _env():
@@ -94,7 +102,9 @@ def test_dry_run_compares_every_sample_across_all_exits(dry_run):
         assert len(c["exit_distribution"]) == 3 and min(c["exit_distribution"]) > 0.15, c["exit_distribution"]
         stats = c["stats"]
         assert stats[0]["samples_in"] == n and stats[1]["samples_in"] < n and stats[2]["samples_in"] < stats[1]["samples_in"]
-    assert sum(s["merged"] for s in checks["torch_pipeline_refill"]["stats"]) > 0  # refill merged groups on the backend
+    # Whether refill merges groups depends on thread timing (a group must be waiting when the next arrives), so
+    # the run only shows the refill pipeline agrees sample by sample; the merge itself is checked directly below.
+    assert all("merged" in s for s in checks["torch_pipeline_refill"]["stats"])
     assert sum(s["padded"] for s in checks["torch_pipeline_buckets"]["stats"]) > 0
     assert checks["torch_parity"]["stages"][0]["max_abs_logits"] < 1e-4
 
@@ -193,7 +203,7 @@ def test_device_checks_catch_corruption(gdc, dry_run):
 
 def test_torch_backend_refuses_a_checkpoint_the_bundle_was_not_compiled_from(dry_run, tmp_path, gc):
     pytest.importorskip("torch")
-    from gpu_torch_backend import TorchStageBackend
+    from gpu_checks.torch_backend import TorchStageBackend
 
     from dmpo_edge.models import TINY_VIT_CONFIG, build_model, save_checkpoint
 
@@ -212,6 +222,13 @@ def test_torch_backend_refuses_a_checkpoint_the_bundle_was_not_compiled_from(dry
         out1 = be.infer(1, {"features": out0["features"], "keep_idx": np.array([2, 0], np.int32)})
         assert out1["logits"].shape == (2, 10) and out1["prediction"].dtype == np.int32
         assert be.features_to_host(out0["features"]).shape[0] == 3
+        # refill: two groups' survivors merged on the backend, in order, keep_idx renumbered
+        a = be.infer(0, {"input": np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32)},
+                     keep_features=True)["features"]
+        fa, fb = be.features_to_host(out0["features"]), be.features_to_host(a)
+        merged, keep = be.merge_features([out0["features"], a], [np.array([2], np.int32), np.array([0, 3], np.int32)])
+        np.testing.assert_array_equal(be.features_to_host(merged), np.concatenate([fa[[2]], fb[[0, 3]]]))
+        assert keep.tolist() == [0, 1, 2]
     finally:
         be.deactivate()
 
@@ -251,7 +268,7 @@ def test_torch_cuda_backend_matches_onnx_runtime(dry_run, gc):
 
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA here")
-    from gpu_torch_backend import TorchStageBackend
+    from gpu_checks.torch_backend import TorchStageBackend
 
     from dmpo_edge.bundle import Bundle
 
@@ -261,3 +278,14 @@ def test_torch_cuda_backend_matches_onnx_runtime(dry_run, gc):
     ref = gc.static_run(bundle, x, 16, gc.ort_backend(bundle, 1))
     got = gc.static_run(bundle, x, 16, TorchStageBackend(bundle, doc["checks"]["bundle"]["checkpoint"], device="cuda"))
     assert gc.stage_parity(ref, got, 1e-3)["ok"]
+
+
+def test_pycuda_build_patch_keeps_future_imports_first(gc):
+    """pycuda >= 2025.1.2's setup.py starts with ``from __future__ import annotations``: the parallel-compile
+    patch goes after it (prepending made every kit build a SyntaxError)."""
+    for src in ('from __future__ import annotations\nimport os\nsetup = 1\n',
+                '"""pycuda"""\nfrom __future__ import annotations\nfrom __future__ import division\nsetup = 1\n',
+                '#!/usr/bin/env python\nimport os\nsetup = 1\n'):
+        out = gc.with_parallel_compile(src)
+        compile(out, "setup.py", "exec")  # a misplaced __future__ import raises SyntaxError here
+        assert out.endswith("setup = 1\n") and "_dmpo_parallel_compile()" in out

@@ -21,12 +21,12 @@ from dmpo_edge.cpu_isa import detect, from_flags, mismatch_warning  # noqa: E402
 K, N, M = 64, 16, 8
 
 
-def _qdq_matmul(path, w_q, x_scale=1.0, w_scale=1.0, act=TensorProto.UINT8):
+def _qdq_matmul(path, w_q, x_scale=1.0, w_scale=1.0, act=TensorProto.UINT8, w_zp=0):
     """x -> Q -> DQ -> MatMul(DQ(w_q)) -> y: the shape ONNX Runtime fuses into an integer GEMM."""
     zp = np.array(0, np.uint8 if act == TensorProto.UINT8 else np.int8)
     inits = [numpy_helper.from_array(np.array(x_scale, np.float32), "x_s"), numpy_helper.from_array(zp, "x_zp"),
              numpy_helper.from_array(w_q, "w_q"), numpy_helper.from_array(np.asarray(w_scale, np.float32), "w_s"),
-             numpy_helper.from_array(np.zeros(np.shape(w_scale), np.int8), "w_zp")]
+             numpy_helper.from_array(np.full(np.shape(w_scale), w_zp, w_q.dtype), "w_zp")]
     wdq = helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_zp"], ["wd"], name="wdq",
                            **({"axis": 1} if np.ndim(w_scale) else {}))
     nodes = [helper.make_node("QuantizeLinear", ["x", "x_s", "x_zp"], ["xq"], name="q"),
@@ -74,6 +74,17 @@ def test_seven_bit_weights_do_not_saturate_on_any_cpu(tmp_path):
     np.testing.assert_array_equal(session(path).run(None, {"x": x})[0], expected)
 
 
+def test_u8_weights_do_not_saturate_on_any_cpu(tmp_path):
+    """The CPU form's other scheme there: U8 weights (zero point 128), full 8-bit range, U8U8 kernels."""
+    w = np.full((K, N), 255, np.uint8)
+    w[::2] = 0
+    x = np.full((M, K), 255.0, np.float32)
+    path = _qdq_matmul(tmp_path / "u8.onnx", w, w_zp=128)
+    expected = (x.astype(np.float64) @ (w.astype(np.float64) - 128)).astype(np.float32)
+    np.testing.assert_array_equal(session(path).run(None, {"x": x})[0], expected)
+    np.testing.assert_array_equal(session(path, simulate_qdq=True).run(None, {"x": x})[0], expected)
+
+
 def test_simulation_is_numpy_quantize_dequantize_of_a_real_layer(tmp_path):
     """Real-valued scales, symmetric S8 activations and per-channel weights (the TensorRT form): the simulated
     session equals numpy's quantize -> dequantize -> float MatMul up to float32 summation order."""
@@ -115,3 +126,25 @@ def test_warning_only_across_isa_classes():
     assert line.startswith("WARNING cpu form | quantized for avx512_vnni") and "saturate" in line and "\n" not in line
     assert "7-bit" in mismatch_warning(dict(avx2), vnni)
     assert mismatch_warning(None, avx2) is None
+
+
+def test_budget_per_exit_and_form():
+    """The per-exit budget on real arrays: accuracy drop with labels, disagreement without; one error line naming
+    every exit over it and the forms within it."""
+    from dmpo_edge.compile.report import budget_error, precision_report
+
+    y = np.arange(200) % 10
+    ref = [{"prediction": y.copy(), "logits": np.zeros((200, 10)), "confidence": np.ones(200)} for _ in range(2)]
+    worse = [dict(r, prediction=r["prediction"].copy()) for r in ref]
+    worse[1]["prediction"][:2] = (worse[1]["prediction"][:2] + 1) % 10  # exit 1 loses 2 of 200 images: 1 point
+    rep = precision_report(ref, {"int8": ref, "int8-cpu": worse}, y, {"source": "digits:test"},
+                           {"int8": "simulated", "int8-cpu": "host"}, max_exit_drop=0.5)
+    assert rep["misses"] == [{"variant": "int8-cpu", "exit": 1, "points": 1.0}] and not rep["ok"]
+    assert [e["budget_points"] for e in rep["variants"]["int8"]] == [0.0, 0.0]
+    msg = str(budget_error(rep, "int8"))
+    assert msg.startswith("compile | int8 loses more than 0.5 accuracy points at int8-cpu exit 1 1.00 on digits:test "
+                          "(int8 within it at every exit); nothing was written.") and "--accept-drop" in msg
+    assert precision_report(ref, {"int8-cpu": worse}, y, None, max_exit_drop=1.0)["ok"]  # at the budget is within it
+    unlabelled = precision_report(ref, {"int8-cpu": worse}, None, None, max_exit_drop=0.5)
+    assert unlabelled["misses"] == [{"variant": "int8-cpu", "exit": 1, "points": 1.0}]
+    assert "disagreement" in str(budget_error(unlabelled, "int8"))

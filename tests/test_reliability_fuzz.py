@@ -96,12 +96,22 @@ def _deep(depth: int, kind: str):
 def manifest_case(toy_bundle):
     """A writable bundle folder with real stage files; each example rewrites only manifest.json."""
     tb = toy_bundle(num_stages=3, classes=4, seed=11, thresholds=[0.7, 0.8], cpu_variant=True)
+    import onnx
+
+    from dmpo_edge.bundle import sha256_file
+
     d = tempfile.mkdtemp(prefix="dmpo-fuzz-bundle-")
     for f in os.listdir(tb.path):
         if f.endswith(".onnx"):
             shutil.copy(os.path.join(tb.path, f), d)
     with open(os.path.join(tb.path, "manifest.json")) as f:
         valid = json.load(f)
+    # stage 1 keeps its weights in an external-data file: mutations reach its data_files record too
+    g = onnx.load(os.path.join(d, "stage_1.onnx"))
+    onnx.save_model(g, os.path.join(d, "stage_1.onnx"), save_as_external_data=True, location="stage_1.weights",
+                    size_threshold=0)
+    valid["stages"][1]["sha256"] = sha256_file(os.path.join(d, "stage_1.onnx"))
+    valid["stages"][1]["data_files"] = [{"file": "stage_1.weights", "sha256": sha256_file(os.path.join(d, "stage_1.weights"))}]
     yield _Case((d, valid))
     shutil.rmtree(d, ignore_errors=True)
 
@@ -154,7 +164,7 @@ def test_fuzz_manifest_raw_text(manifest_case, raw):
     _ok_or_dmpo(_load_and_use, d)
 
 
-_MUTATIONS = ("replace", "delete", "insert", "huge", "nonfinite", "wrong_type", "deep", "path")
+_MUTATIONS = ("replace", "delete", "insert", "huge", "nonfinite", "wrong_type", "deep", "path", "classes", "size")
 
 
 def _paths(obj, prefix=()):
@@ -179,7 +189,14 @@ def _mutate(data, m: dict):
             parent = parent[key]
         key = path[-1]
         op = data.draw(st.sampled_from(_MUTATIONS), label="op")
-        if op == "replace":
+        if op == "classes":  # a class list that disagrees with the logits
+            m["model"]["classes"] = m["model"]["classes"][:data.draw(st.integers(1, 8), label="n_classes")] + (
+                ["extra"] * data.draw(st.integers(0, 3), label="extra"))
+            m["model"]["num_classes"] = len(m["model"]["classes"])
+        elif op == "size":  # a preprocessing size that disagrees with the stage input (consistent in itself)
+            n = data.draw(st.sampled_from([1, 7, 9, 64, 8192]), label="side")
+            m["preprocess"] = dict(m["preprocess"], resize=n, crop=n, size=[n, n])
+        elif op == "replace":
             parent[key] = data.draw(json_values, label="value")
         elif op == "delete":
             if isinstance(parent, dict):
@@ -229,6 +246,17 @@ def test_fuzz_manifest_mutated(manifest_case, data):
     if b is not None:  # whatever validated must still name files inside the bundle, with matching checksums
         for st_ in b.stages:
             assert os.path.isfile(os.path.join(d, st_["file"]))
+        # ... agree with itself: classes vs logits, preprocessing vs the stage input ...
+        # (where the manifest states the dimension; the runtime checks the graph's own shapes at session creation)
+        for st_ in b.stages:
+            for t in st_["outputs"]:
+                if t["name"] == "logits" and t["shape"] and isinstance(t["shape"][-1], int):
+                    assert t["shape"][-1] == len(b.classes)
+        for t in b.stages[0]["inputs"]:
+            if t["name"] == "input" and len(t["shape"]) == 4 and all(isinstance(v, int) for v in t["shape"][2:]):
+                assert list(t["shape"][2:]) == list(b.preprocess.size)
+        # ... and list the external-data file that stage 1's graph loads
+        assert [f["file"] for f in b.stages[1]["data_files"]] == ["stage_1.weights"]
 
 
 def test_manifest_huge_int_and_variants_list_are_refused(manifest_case):

@@ -73,3 +73,28 @@ def test_soak_full_100k(tmp_path):
         pytest.skip("set DMPO_SOAK_FULL=1 to run the 100,000-frame soak")
     r = subprocess.run([sys.executable, SOAK, "--frames", "100000"], capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:]
+
+
+def test_mixed_fault_soak_every_frame_and_every_fault_accounted_once(tmp_path):
+    """Bad files of seven kinds (truncated, random, empty, text, a pixel bomb, a FIFO, a device) and sources that die
+    mid-stream among good frames: each good frame exactly one result, each fault exactly one report, memory flat."""
+    out = tmp_path / "mixed.json"
+    r = subprocess.run([sys.executable, SOAK, "--mixed", "--rounds", "30", "--json", str(out)], capture_output=True,
+                       text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    fig = json.loads(out.read_text())
+    assert fig["results"] == fig["good_frames"] == 30 * (24 + 5) and fig["missing"] == fig["duplicates"] == 0
+    assert fig["bad_reported"] == 30 * fig["bad_files"] and fig["bad_files"] >= 6 and fig["bad_misreported"] == 0
+    assert fig["dead_errors"] == fig["dead_sources"] == 30 and not fig["unexpected_errors"]
+    assert fig["rss_growth_pct"] < 5.0 and "mixed soak: PASS" in r.stdout
+
+
+def test_mixed_soak_check_can_fail():
+    soak = _soak_module()
+    good = {"rounds": 2, "bad_files": 3, "good_frames": 10, "results": 10, "missing": 0, "duplicates": 0,
+            "bad_reported": 6, "bad_misreported": 0, "dead_sources": 2, "dead_errors": 2, "unexpected_errors": [],
+            "rss_growth_pct": 1.0}
+    assert soak.check_mixed(good) == []
+    for change in ({"results": 9, "missing": 1}, {"duplicates": 1}, {"bad_reported": 5}, {"dead_errors": 1},
+                   {"unexpected_errors": ["x"]}, {"rss_growth_pct": 6.0}):
+        assert len(soak.check_mixed(dict(good, **change))) == 1, change

@@ -100,3 +100,39 @@ def test_nonfinite_input_is_refused(toy_bundle):
     x[2, 0, 0, 0] = np.nan
     with pytest.raises(DmpoEdgeError, match=r"NaN or Inf \(rows 2\)"):
         run_all_stages(toy_bundle().path, x)
+
+
+def test_cpu_form_of_another_cpu_kind_warns_once(toy_bundle, tmp_path, caplog):
+    """A CPU form quantized for another ISA class (e.g. full 8-bit weights for VNNI, run on AVX2) says so in one
+    line; the same class, or no record (FP32 bundles), says nothing."""
+    import json
+    import logging
+    import os
+    import shutil
+
+    from dmpo_edge.bundle import write_json_atomic
+    from dmpo_edge.cpu_isa import detect, from_flags
+
+    src = toy_bundle(num_stages=2, cpu_variant=True)
+    host = detect()
+    other = from_flags("aarch64", ["asimddp"]) if host.isa_class != "arm" else from_flags("x86_64", ["avx2"])
+    for target, warns in ((None, False), (dict(host), False), (dict(other), True)):
+        path = str(tmp_path / f"b{len(os.listdir(tmp_path))}")
+        shutil.copytree(src.path, path)
+        with open(os.path.join(path, "manifest.json")) as f:
+            m = json.load(f)
+        if target:
+            m["precision"]["cpu_variant"] = {"target_isa": target}
+        write_json_atomic(os.path.join(path, "manifest.json"), m)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dmpo_edge.runtime"):
+            with OrtBackend(path) as be:
+                assert be.files[0].endswith(".cpu.onnx")
+        lines = [r.getMessage() for r in caplog.records if r.name == "dmpo_edge.runtime"]
+        if warns:
+            assert len(lines) == 1 and lines[0] == be.isa_warning and "\n" not in lines[0]
+            assert lines[0].startswith(f"WARNING cpu form | quantized for {other.name} ({other.isa_class}), running on {host.name}")
+        else:
+            assert lines == [] and be.isa_warning is None
+    with OrtBackend(path, variant="default") as be:  # the portable graphs are not CPU-specific
+        assert be.isa_warning is None

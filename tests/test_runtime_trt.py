@@ -51,6 +51,22 @@ def test_find_engines_refuses_other_devices_and_names_the_fix(toy_bundle, tmp_pa
         find_engines(path, "10.5.0-nvidia_h200-sm90-fp32")
 
 
+def test_engine_files_carry_the_io_map_of_torch_tensorrt_engines(toy_bundle, tmp_path):
+    """torch-tensorrt releases without output_binding_names name outputs output0..; the frontend writes the map
+    to the stage contract into engines.json, and the backend reads it with each engine file."""
+    src = toy_bundle(num_stages=2, seed=21)
+    path = str(tmp_path / "b")
+    shutil.copytree(src.path, path)
+    d = os.path.join(path, "engines", "k")
+    os.makedirs(d)
+    io_map = {"output0": "features", "output1": "logits", "output2": "confidence", "output3": "prediction"}
+    meta = {"engines": [{"stage": 0, "file": "stage_0.engine", "io_map": io_map}, {"stage": 1, "file": "stage_1.engine"}]}
+    for k in range(2):
+        open(os.path.join(d, f"stage_{k}.engine"), "wb").close()
+    files = TrtBackend(path)._engine_files(d, meta)
+    assert [f[2] for f in files] == [io_map, {}]
+
+
 @pytest.mark.skipif(available("tensorrt"), reason="TensorRT is installed here")
 def test_without_tensorrt_auto_is_ort_and_trt_names_the_extra(toy_bundle):
     tb = toy_bundle(num_stages=2, seed=21)
@@ -249,60 +265,121 @@ def _enqueue(dev, ok=True):
     return run
 
 
-def test_graph_key_covers_shapes_and_addresses_order_free():
-    from dmpo_edge.runtime.backends.trt_graphs import graph_key
+def test_bucket_key_is_the_input_shapes_order_free():
+    from dmpo_edge.runtime.backends.trt_graphs import bucket_key
 
-    a = graph_key(7, 1, 0, {"features": (8, 16), "keep_idx": (8,)}, {"keep_idx": 100, "features": 200})
-    assert a == graph_key(7, 1, 0, {"keep_idx": (8,), "features": (8, 16)}, {"features": 200, "keep_idx": 100})
-    assert a != graph_key(7, 1, 0, {"features": (8, 16), "keep_idx": (16,)}, {"keep_idx": 100, "features": 200})
-    assert a != graph_key(7, 1, 0, {"features": (8, 16), "keep_idx": (8,)}, {"keep_idx": 100, "features": 300})
-    assert a != graph_key(8, 1, 0, {"features": (8, 16), "keep_idx": (8,)}, {"keep_idx": 100, "features": 200})
-    assert a != graph_key(7, 1, 1, {"features": (8, 16), "keep_idx": (8,)}, {"keep_idx": 100, "features": 200})
+    a = bucket_key({"features_in": (8, 16), "keep_idx": (8,)})
+    assert a == bucket_key({"keep_idx": (8,), "features_in": (8, 16)})
+    assert a != bucket_key({"features_in": (8, 16), "keep_idx": (16,)})
+    assert a != bucket_key({"features_in": (16, 16), "keep_idx": (8,)})
 
 
-def test_graph_cache_enqueues_once_then_captures_then_replays():
-    from dmpo_edge.runtime.backends.trt_graphs import GraphCache
+def _slots(made):
+    """A make_slot that records every slot it makes: each gets its own context (a fresh object) and buffers."""
+    from dmpo_edge.runtime.backends.trt_graphs import GraphSlot
 
-    dev = _GraphDevice()
-    gc = GraphCache(dev)
+    def make(key):
+        s = GraphSlot(key, context=object(), bufs={"input": len(made)})
+        made.append(s)
+        return s
+    return make
+
+
+def test_each_bucket_gets_its_own_context_warm_up_then_capture_then_replay():
+    from dmpo_edge.runtime.backends.trt_graphs import StageGraphs
+
+    dev, made, freed = _GraphDevice(), [], []
+    g = StageGraphs(dev, _slots(made), free_slot=freed.append)
+    s8 = g.slot(("b8",))
+    assert g.slot(("b8",)) is s8  # one slot per bucket, made once
     for _ in range(4):
-        assert gc.run("k8", "s", _enqueue(dev)) is True
+        assert g.run(s8, "s", _enqueue(dev)) is True
+    # the first call enqueues (its result is the call's result) and captures right after; then replays only
     assert dev.calls == ["enqueue", "begin", "capture-enqueue", "end", ("launch", 1), ("launch", 1), ("launch", 1)]
     dev.calls.clear()
-    assert gc.run("k16", "s", _enqueue(dev)) and gc.run("k16", "s", _enqueue(dev))  # another bucket: its own graph
+    s16 = g.slot(("b16",))
+    assert s16.context is not s8.context  # never one context for two graphs
+    assert g.run(s16, "s", _enqueue(dev)) and g.run(s16, "s", _enqueue(dev))
     assert dev.calls == ["enqueue", "begin", "capture-enqueue", "end", ("launch", 2)]
-    assert gc.num_graphs == 2 and gc.counts == {"enqueued": 2, "captured": 2, "launched": 4, "capture_failed": 0}
-    gc.release()
-    assert dev.live == set() and gc.num_graphs == 0
+    assert g.num_graphs == 2 and g.counts == {"enqueued": 2, "captured": 2, "launched": 4, "capture_failed": 0}
+    g.release()
+    assert dev.live == set() and g.num_graphs == 0 and freed == [s8, s16]
 
 
-def test_graph_cache_remembers_a_failed_capture_and_keeps_enqueueing():
-    from dmpo_edge.runtime.backends.trt_graphs import GraphCache
+def test_a_failed_capture_keeps_enqueueing_on_the_slots_context():
+    from dmpo_edge.runtime.backends.trt_graphs import StageGraphs
 
     for dev, enq_ok_in_capture in ((_GraphDevice(capture_ok=False), True), (_GraphDevice(), False)):
-        gc = GraphCache(dev)
+        g = StageGraphs(dev, _slots([]))
 
         def enqueue():  # TensorRT refuses to enqueue while capturing (e.g. data-dependent shapes)
             dev.calls.append("capture-enqueue" if dev.capturing else "enqueue")
             return enq_ok_in_capture or not dev.capturing
 
-        ok = [gc.run("k", "s", enqueue) for _ in range(4)]
-        assert all(ok)
+        s = g.slot(("k",))
+        assert all(g.run(s, "s", enqueue) for _ in range(4))
         assert dev.calls == ["enqueue", "begin", "capture-enqueue", "end", "enqueue", "enqueue", "enqueue"]
-        assert gc.counts["capture_failed"] == 1 and gc.num_graphs == 0 and dev.live == set()
+        assert g.counts["capture_failed"] == 1 and g.num_graphs == 0 and dev.live == set() and s.plain
         assert not dev.capturing  # the stream always leaves capture mode
 
 
-def test_graph_cache_limit_and_a_failed_enqueue_is_not_warmed():
-    from dmpo_edge.runtime.backends.trt_graphs import GraphCache
+def test_slot_limit_refusals_and_a_failed_warm_up_is_not_captured():
+    from dmpo_edge.runtime.backends.trt_graphs import StageGraphs
 
-    dev = _GraphDevice()
-    gc = GraphCache(dev, max_graphs=1)
-    assert gc.run("a", "s", _enqueue(dev, ok=False)) is False  # a failing enqueue is reported, never captured next
-    for key in ("a", "a", "b", "b", "b"):
-        assert gc.run(key, "s", _enqueue(dev))
-    assert gc.num_graphs == 1 and gc.counts["launched"] == 1
-    assert dev.calls[-2:] == ["enqueue", "enqueue"]  # "b" beyond the limit: plain enqueue
+    dev, made = _GraphDevice(), []
+    g = StageGraphs(dev, _slots(made), max_graphs=1)
+    a = g.slot(("a",))
+    assert g.run(a, "s", _enqueue(dev, ok=False)) is False  # a failing enqueue is reported, never captured
+    assert dev.calls == ["enqueue"] and a.graph is None
+    assert g.slot(("b",)) is None  # beyond max_graphs: the stage's ordinary path
+    logs = []
+
+    def refuse(key):
+        raise RuntimeError("profile 2 is in use by another context")
+
+    g2 = StageGraphs(dev, refuse, log=logs.append)
+    assert g2.slot(("c",)) is None and g2.slot(("c",)) is None  # refused once, not retried
+    assert len(logs) == 1 and "runs without one" in logs[0]
+
+
+def test_best_profile_uses_the_bucket_profiles_of_every_stage(toy_bundle):
+    """Every profile lets features_in range over 1..max_batch: ranking by the largest maximum alone tied and
+    always picked profile 0 for stages k > 0."""
+    from dmpo_edge.runtime.backends.trt import _Stage
+
+    be = TrtBackend(toy_bundle(num_stages=2, seed=21).path)
+    st = _Stage()
+    st.profiles = [{"features_in": (1, 64), "keep_idx": (1, 64)}, {"features_in": (1, 64), "keep_idx": (1, 8)},
+                   {"features_in": (1, 64), "keep_idx": (9, 32)}, {"features_in": (1, 64), "keep_idx": (33, 64)}]
+    assert be._best_profile(st, {"features_in": 40, "keep_idx": 5}) == 1
+    assert be._best_profile(st, {"features_in": 64, "keep_idx": 20}) == 2
+    assert be._best_profile(st, {"features_in": 64, "keep_idx": 64}) == 3
+    st.profiles = [{"input": (1, 64)}, {"input": (1, 1)}, {"input": (2, 2)}, {"input": (3, 4)}]
+    assert [be._best_profile(st, {"input": n}) for n in (1, 2, 4, 7)] == [1, 2, 3, 0]
+    with pytest.raises(DmpoEdgeError, match="fit none"):
+        be._best_profile(st, {"input": 65})
+
+
+def test_a_refused_profile_switch_is_one_clear_error(toy_bundle):
+    be = TrtBackend(toy_bundle(num_stages=2, seed=21).path)
+
+    class Dev:
+        def stream_handle(self, stream):
+            return 7
+
+    class Refuses:
+        def __init__(self, how):
+            self.how = how
+
+        def set_optimization_profile_async(self, profile, stream):
+            if self.how == "raise":
+                raise RuntimeError("profile 1 is already in use by another execution context")
+            return False
+
+    be.dev = Dev()
+    for how, why in (("raise", "already in use"), ("false", "returned False")):
+        with pytest.raises(DmpoEdgeError, match=f"refused to switch to optimisation profile 1 .*{why}"):
+            be._switch_profile(Refuses(how), 1, object(), "stage 1")
 
 
 def test_cuda_graphs_follow_buckets_unless_forced(toy_bundle):

@@ -24,8 +24,10 @@ def add_arguments(p) -> None:
     prec.add_argument("--precision", dest="precision", choices=("fp32", "fp16", "int8"), help="default fp32")
     add_data(p, "--calib", what="calibration images", split="train", labelled=False)
     p.add_argument("--calib-count", type=int, default=256, metavar="N", help="calibration images to use (default 256)")
-    p.add_argument("--calib-method", default="entropy", choices=("entropy", "max", "percentile"),
-                   help="INT8 activation range method (default entropy)")
+    p.add_argument("--calib-method", default="entropy",
+                   choices=("entropy", "max", "percentile", "percentile-99.9", "percentile-99.99", "mse"),
+                   help="INT8 activation range method of the TensorRT form (default entropy; percentile = 99.99; "
+                        "compared in docs/results.md)")
     p.add_argument("--holdout", metavar="DATA", help="labelled held-out data for parity and the accuracy report "
                    "(default: the :test split for digits, fashion-mnist and idx:DIR calibration, else unused calibration images)")
     p.add_argument("--holdout-count", type=int, default=1000, metavar="N", help="held-out images to use (default 1000)")
@@ -34,7 +36,7 @@ def add_arguments(p) -> None:
                         "form judged as TensorRT computes it, the CPU form with this CPU's kernels); more fails the compile")
     p.add_argument("--accept-drop", action="store_true",
                    help="write the bundle even when an exit loses more than --max-exit-drop (reported loudly)")
-    p.add_argument("--sensitivity", action="store_true",
+    p.add_argument("--sensitivity", action="store_true", default=None,
                    help="INT8: write reports/sensitivity.json (accuracy drop per exit with one layer quantized at a time); "
                         "written anyway when an accepted INT8 bundle misses the budget")
     p.add_argument("--exit-policy", default="max_softmax", choices=("max_softmax", "entropy", "margin"),
@@ -94,7 +96,9 @@ def _print_summary(bundle, seconds: float) -> None:
     if cpu and cpu.get("format"):
         t = cpu.get("timings_ms", {})
         isa = (cpu.get("target_isa") or {}).get("isa", "?")
-        weights = {"s8-7bit": "7-bit S8 weights"}.get(cpu.get("weight_scheme"), "S8 weights")
+        ws = cpu.get("weight_scheme")
+        names = {"s8-7bit": "7-bit S8", "u8": "U8", "s8": "S8"}
+        weights = "/".join(names.get(w, str(w)) for w in (ws if isinstance(ws, list) else [ws])) + " weights"
         print(f"cpu variant: {cpu['format']} (U8 activations, {weights}, for {isa}); ONNX Runtime here, all stages, batch "
               f"{cpu['timing_batch']}: {t.get('cpu_variant', 0):.1f} ms vs fp32 {t.get('fp32', 0):.1f} ms "
               f"(TensorRT form in ONNX Runtime {t.get('tensorrt_form', 0):.1f} ms)")

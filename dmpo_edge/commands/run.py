@@ -36,6 +36,10 @@ def add_arguments(p) -> None:
     p.add_argument("--width", type=int, default=None, help="camera / GStreamer frame width")
     p.add_argument("--height", type=int, default=None, help="camera / GStreamer frame height")
     p.add_argument("--skip-bad", action="store_true", help="skip images that cannot be decoded instead of stopping")
+    p.add_argument("--max-file-mb", type=float, default=None, metavar="MB",
+                   help="largest image file read from a folder (default 256; checked before decoding)")
+    p.add_argument("--max-megapixels", type=float, default=None, metavar="MP",
+                   help="largest image (width x height) decoded from a folder (default 50; checked from the header)")
     add_json_lines(p, what="JSON lines (one per frame, then a summary line)")
     add_quiet(p, what="print the summary only")
 
@@ -62,18 +66,32 @@ def _print_summary(s: dict, as_json: bool) -> None:
     if "accuracy" in s:
         print(f"  accuracy on {s['labelled']} labelled frames: {s['accuracy']:.4f}")
     if s.get("skipped"):
-        print(f"  skipped {len(s['skipped'])} undecodable image(s)")
+        from ..terminal import printable
+
+        why = s.get("skip_reasons") or [""]
+        print(f"  skipped {len(s['skipped'])} unreadable image(s), first: {printable(s['skipped'][0])} ({printable(why[0])})")
+    if s.get("ignored"):
+        from ..terminal import printable
+
+        print(f"  ignored {len(s['ignored'])} file(s) that are not images by name (GIF, video, other), first: "
+              f"{printable(s['ignored'][0])}")
     sys.stdout.flush()
 
 
 def run(args) -> int:
+    from ..runtime.checks import check_float
     from ..runtime.stream import stream
+    from ..terminal import printable
     from .options import checked_backend
 
     backend = checked_backend(args.backend, where="run", allow_null=True)
+    max_bytes = None if args.max_file_mb is None else int(check_float(args.max_file_mb, "--max-file-mb", "run", 1e-3, 1e6) * 2**20)
+    max_pixels = (None if args.max_megapixels is None
+                  else int(check_float(args.max_megapixels, "--max-megapixels", "run", 1e-3, 1e5) * 1e6))
     st = stream(args.bundle, args.source, batch=args.batch, max_wait_ms=args.max_wait_ms, realtime=args.realtime,
                 limit=args.limit, backend=backend, thresholds=_thresholds(args.thresholds),
-                max_in_flight=args.max_in_flight, width=args.width, height=args.height, skip_bad=args.skip_bad)
+                max_in_flight=args.max_in_flight, width=args.width, height=args.height, skip_bad=args.skip_bad,
+                max_file_bytes=max_bytes, max_pixels=max_pixels)
     err = None
     n = 0
     try:
@@ -81,11 +99,11 @@ def run(args) -> int:
             n += 1
             if args.quiet:
                 continue
-            if args.json:
-                print(json.dumps(r.as_dict()), flush=False)
+            if args.json:  # ensure_ascii escapes control characters; undecodable names are shown escaped
+                print(json.dumps({**r.as_dict(), "name": printable(r.name)}), flush=False)
             else:
-                truth = "" if r.truth is None else f"  truth {r.truth}"
-                print(f"{r.index:6d}  {r.name:<28.28s} {r.label:<12.12s} conf {r.confidence:.3f}  exit {r.exit_stage}  "
+                truth = "" if r.truth is None else f"  truth {printable(r.truth)}"
+                print(f"{r.index:6d}  {printable(r.name):<28.28s} {printable(r.label):<12.12s} conf {r.confidence:.3f}  exit {r.exit_stage}  "
                       f"{r.latency_ms:7.1f} ms{truth}")
             if n % 64 == 0:
                 sys.stdout.flush()

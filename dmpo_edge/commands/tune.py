@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -162,18 +163,24 @@ def run(args) -> int:
     out = os.path.abspath(args.output)
     if os.path.isdir(out):
         raise DmpoEdgeError("tune", f"output '{args.output}' is a folder. Expected a file path such as model.pt")
-    if rank0 and not args.quiet:  # after every input check: an error stays the only line on stderr
-        print(f"dmpo-edge: {threads_note}", file=sys.stderr)
-    metrics = tune(
-        model, train, val, pre, schedule, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, seed=args.seed, device=args.device, progress=not args.quiet,
-    )
-    if not metrics:  # not rank 0
-        return 0
-    metrics["ablation"] = {"bypass": config["bypass"], "early_head": config["early_head"], "loss_schedule": schedule.mode}
-    metrics["threads"] = threads_note
-    model.to("cpu")
-    save_checkpoint(out, model, classes=train.classes, preprocess=pre.to_dict(), loss_schedule=schedule.to_dict(), metrics=metrics)
+    with contextlib.ExitStack() as held:
+        if rank0:  # a second tune writing the same model.pt is refused now, not after an hour of training
+            from ..locking import writer_lock
+
+            held.enter_context(writer_lock(out, "tune", "tune", swaps=False))
+        if rank0 and not args.quiet:  # after every input check: an error stays the only line on stderr
+            print(f"dmpo-edge: {threads_note}", file=sys.stderr)
+        metrics = tune(
+            model, train, val, pre, schedule, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            weight_decay=args.weight_decay, seed=args.seed, device=args.device, progress=not args.quiet,
+        )
+        if not metrics:  # not rank 0
+            return 0
+        metrics["ablation"] = {"bypass": config["bypass"], "early_head": config["early_head"], "loss_schedule": schedule.mode}
+        metrics["threads"] = threads_note
+        model.to("cpu")
+        save_checkpoint(out, model, classes=train.classes, preprocess=pre.to_dict(), loss_schedule=schedule.to_dict(),
+                        metrics=metrics)
     print(format_exit_table(model.config, metrics))
     print(f"tuned {metrics['num_train']} images x {args.epochs} epochs in {metrics['tune_seconds']:.1f} s; "
           f"validation on {metrics['val_data']} ({metrics['num_val']} images); {threads_note}")

@@ -14,6 +14,8 @@ import tempfile
 import warnings
 
 from .._lazy import require
+from ..bundle import shared_file_mode
+from ..locking import writer_lock
 from ..errors import DmpoEdgeError
 
 torch = require("torch", "models")
@@ -65,18 +67,24 @@ def save_checkpoint(path, model, *, classes, preprocess: dict, loss_schedule: di
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    with writer_lock(path, "checkpoint", "save checkpoint", swaps=False):
+        _write_payload(payload, path, folder)
+    return path
+
+
+def _write_payload(payload: dict, path: str, folder: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".model-", suffix=".pt.tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
+            os.fchmod(f.fileno(), shared_file_mode(path))  # 0644 as documented, not mkstemp's 0600
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    return path
 
 
 def _foreign_module(path: str, allow_pickle: bool):
@@ -143,7 +151,7 @@ def load_checkpoint(path, allow_pickle: bool = False):
             "Expected a model.pt written by 'dmpo-edge tune' or save_checkpoint()"
         )
     version = obj.get("version")
-    if not isinstance(version, int) or version > VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= VERSION:
         raise DmpoEdgeError("checkpoint", f"'{path}' has checkpoint version {version!r}; this dmpo-edge reads up to {VERSION}. Upgrade dmpo-edge")
     for key in ("config", "state_dict", "classes", "preprocess"):
         if key not in obj:
@@ -155,6 +163,9 @@ def load_checkpoint(path, allow_pickle: bool = False):
     sd, where = obj["state_dict"], f"checkpoint {os.path.basename(path)}"
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise DmpoEdgeError("checkpoint", f"'{path}' has a state_dict that is not a map of names to tensors")
+    bad = next((k for k, v in sd.items() if v.is_complex()), None)
+    if bad is not None:
+        raise DmpoEdgeError("checkpoint", f"'{path}': tensor '{bad}' is {sd[bad].dtype}. Expected real-valued weights")
     cfg = normalize_config(obj["config"])
     classes = obj["classes"]
     if not isinstance(classes, list) or len(classes) != cfg["num_classes"] or not all(isinstance(c, str) for c in classes):

@@ -85,6 +85,7 @@ class OrtBackend(Backend):
         self.providers = []
         self.files = []
         self.on_device = False
+        self.isa_warning = None  # set on activation when the CPU form was quantized for another kind of CPU
 
     def _activate_impl(self) -> None:
         ort = require("onnxruntime", "running stage graphs with ONNX Runtime")
@@ -176,6 +177,18 @@ class OrtBackend(Backend):
             want_in = "input" if k == 0 else "the previous stage's features and keep_idx"
             raise DmpoEdgeError(f"ort backend stage {k}", f"graph inputs {sorted(ins)} / outputs {sorted(outs)} do not follow the "
                                 f"stage contract (inputs: {want_in}; outputs {sorted(want_out)}). Recompile the bundle")
+        # The manifest's own shapes were checked against each other; these are the graph's: a class list
+        # shorter than the logits would index past it at run time, another input size fails on frame one.
+        where, n_cls = f"ort backend stage {k}", len(self.bundle.classes)
+        for o in sess.get_outputs():
+            c = o.shape[-1] if o.name == "logits" and o.shape else None
+            if isinstance(c, int) and c != n_cls:
+                raise DmpoEdgeError(where, f"the graph's logits have {c} classes but the manifest lists {n_cls} class "
+                                    "names. Recompile the bundle (or restore its class list)")
+        hw = list(sess.get_inputs()[0].shape[2:]) if k == 0 else []
+        if len(hw) == 2 and all(isinstance(d, int) for d in hw) and hw != list(self.bundle.preprocess.size):
+            raise DmpoEdgeError(where, f"the graph takes {hw[0]} x {hw[1]} images but the manifest's preprocessing "
+                                f"makes {self.bundle.preprocess.size[0]} x {self.bundle.preprocess.size[1]}. Recompile the bundle")
         self._feat_in.append(None if k == 0 else stage_features_input(self.bundle, k, ins))
 
     def _deactivate_impl(self) -> None:

@@ -1,5 +1,9 @@
 """TensorRT backend: stage engines from ``engines/<device key>/`` run with ``execute_async_v3``.
 
+(Over 500 lines on purpose: activation, the per-call copies, the device-resident features handles and the
+refill copies all work on one stage's buffers and streams, and read best side by side; the CUDA graph slots
+live in :mod:`.trt_graphs`.)
+
 Built against the name-based tensor API of TensorRT 10.x and 11.x (``num_io_tensors``,
 ``get_tensor_name``, ``get_tensor_mode``, ``get_tensor_dtype``, ``set_input_shape``,
 ``set_tensor_address``, ``execute_async_v3``); nothing here uses the binding API removed in 10.0.
@@ -20,10 +24,13 @@ per call. The events are read after the stream synchronisation the exit decision
 recording adds no wait. ``dmpo-edge bench`` turns it on and reports H2D / compute / D2H per iteration.
 
 CUDA graphs: with batch buckets (the pipeline's ``buckets``, passed on through ``use_buckets``) an engine
-sees a few shapes only, so each (stream, stage, bucket shape, bound addresses) gets its own CUDA graph:
-the first call enqueues, the second captures ``execute_async_v3`` into a graph, later calls replay it
-(see :mod:`.trt_graphs`). ``cuda_graphs``: None (default) = on with buckets, off without; True / False
-forces it. An engine TensorRT cannot capture falls back to plain enqueue for that key.
+sees a few shapes only, so each (stage, bucket) gets its own execution context, fixed device buffers of the
+bucket's size and a CUDA graph captured once after a warm-up enqueue; inputs are copied into those buffers
+and the graph is replayed (see :mod:`.trt_graphs` for why a context per graph). ``cuda_graphs``: None
+(default) = on with buckets, off without; True / False forces it. Graphs need the cuda-python device layer
+(pycuda has no stream capture): with pycuda the backend logs one line and runs without graphs. The graph
+contexts of a stage share one scratch allocation (``USER_MANAGED`` device memory) because they all run on
+the stage's one stream, one after another.
 
 Device key: ``<tensorrt version>-<gpu name>-sm<major><minor>-<precision>`` (see :func:`device_key`).
 ``engines/<key>/engines.json`` records the key and the engine files; an engine is refused unless it
@@ -32,6 +39,7 @@ was built for this TensorRT version and GPU - the fix is ``dmpo-edge build BUNDL
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -43,12 +51,13 @@ from ...bundle import safe_join, sha256_file
 from ...errors import DmpoEdgeError
 from .._common import as_bundle, stage_features_input
 from .base import Backend
-from .trt_graphs import GraphCache, graph_key
+from .trt_graphs import StageGraphs, bucket_key, free_slot, make_slot
 from ...engines import ENGINES_DIR, device_key, read_engines_json
 
 __all__ = ["TrtBackend", "trt_ready", "device_key", "find_engines", "this_device_key"]
 
 _POOL_TIMEOUT_S = 120.0
+_log = logging.getLogger("dmpo_edge.trt")
 
 
 def this_device_key(precision: str, device=None) -> str:
@@ -126,8 +135,12 @@ class _Stage:
         self.merge_stream = None
         self.feat_in = None
         self.marks = None  # 4 timing events: before copy-in, after it, after execute, after copy-out
-        self.addrs = {}  # tensor name -> bound device address (part of a CUDA graph's key)
-        self.graphs = None  # GraphCache while CUDA graphs are on
+        self.graphs = None  # StageGraphs while CUDA graphs are on
+        self.engine_names = {}  # contract name -> engine tensor name (they differ only where io_map says so)
+        self.scratch = None  # device memory shared by the graph slots' contexts (USER_MANAGED)
+
+    def tensor_name(self, name: str) -> str:
+        return self.engine_names.get(name, name)
 
 
 class TrtBackend(Backend):
@@ -136,17 +149,18 @@ class TrtBackend(Backend):
     ``features_buffers``: device features buffers per stage (the number of groups that may wait at
     the next stage; raise it with ``max_in_flight``).
 
-    ``cuda_graphs``: replay each stage call from a CUDA graph, one per (stream, stage, bucket shape,
-    bound buffers) - captured on the second call of a key, after one plain ``execute_async_v3``; keys
-    TensorRT cannot capture keep enqueueing. None (default): on when the pipeline runs with batch buckets
-    (``use_buckets``), off without; True / False force it. ``max_graphs``: graphs kept per stage.
+    ``cuda_graphs``: replay each stage call from a CUDA graph, one per (stage, bucket) with its own execution
+    context and fixed buffers - captured once right after that bucket's first (warm-up) ``execute_async_v3``;
+    buckets TensorRT cannot capture keep enqueueing. None (default): on when the pipeline runs with batch
+    buckets (``use_buckets``), off without; True / False force it. Needs the cuda-python device layer.
+    ``max_graphs``: graph slots per stage.
     ``graph_stats()`` counts enqueues, captures, launches and failed captures.
     """
 
     name = "trt"
 
     def __init__(self, bundle, device: str = "auto", features_buffers: int = 4, engines_dir: str | None = None,
-                 verify_engines: bool = True, cuda_graphs: bool | None = None, max_graphs: int = 64, **_ignored):
+                 verify_engines: bool = True, cuda_graphs: bool | None = None, max_graphs: int = 16, **_ignored):
         super().__init__(bundle)
         self.device_impl = device
         self.features_buffers = max(2, int(features_buffers))
@@ -160,6 +174,7 @@ class TrtBackend(Backend):
         self.max_graphs = max(0, int(max_graphs))
         self.buckets = None
         self._graph_counts_done = {}  # counts of the stages' graph caches already released
+        self._graphs_note_logged = False
         self._timings = []
         self._timings_lock = threading.Lock()
 
@@ -214,8 +229,8 @@ class TrtBackend(Backend):
         with self.dev.bind_thread():
             self._runtime = trt.Runtime(self._logger)
             try:
-                for k, (path, digest) in enumerate(files):
-                    self.stages.append(self._load_stage(k, path, digest))
+                for k, (path, digest, io_map) in enumerate(files):
+                    self.stages.append(self._load_stage(k, path, digest, io_map))
             except BaseException:
                 self._deactivate_impl()
                 raise
@@ -229,12 +244,14 @@ class TrtBackend(Backend):
             path = safe_join(d, name, f"engines {d}")
             if not os.path.isfile(path):
                 raise DmpoEdgeError(f"engines {d}", f"engine '{name}' for stage {k} is missing. Run 'dmpo-edge build {self.bundle.path}'")
-            out.append((path, (e or {}).get("sha256")))
+            out.append((path, (e or {}).get("sha256"), (e or {}).get("io_map") or {}))
         return out
 
-    def _load_stage(self, k: int, path: str, digest) -> _Stage:
+    def _load_stage(self, k: int, path: str, digest, io_map: dict | None = None) -> _Stage:
         trt = self.trt
-        if self.verify_engines and digest and sha256_file(path) != digest:
+        if self.verify_engines and not digest:  # an engine no checksum covers is not deserialized
+            raise DmpoEdgeError(f"engine {path}", f"has no sha256 in engines.json. Rebuild it: 'dmpo-edge build {self.bundle.path} --force'")
+        if self.verify_engines and sha256_file(path) != digest:
             raise DmpoEdgeError(f"engine {path}", f"fails its sha256 check. Rebuild it: 'dmpo-edge build {self.bundle.path} --force'")
         with open(path, "rb") as f:
             blob = f.read()
@@ -245,16 +262,21 @@ class TrtBackend(Backend):
                                 f"Run 'dmpo-edge build {self.bundle.path}' on this machine")
         st.context = st.engine.create_execution_context()
         for i in range(st.engine.num_io_tensors):
-            name = st.engine.get_tensor_name(i)
-            is_in = st.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            tname = st.engine.get_tensor_name(i)
+            # engines.json's io_map: engine tensor name -> stage contract name (torch-tensorrt releases that name
+            # outputs output0, output1, ...); every TensorRT call below goes through st.tensor_name
+            name = str((io_map or {}).get(tname, tname))
+            st.engine_names[name] = tname
+            is_in = st.engine.get_tensor_mode(tname) == trt.TensorIOMode.INPUT
             (st.inputs if is_in else st.outputs).append(name)
-            st.dtypes[name] = np.dtype(trt.nptype(st.engine.get_tensor_dtype(name)))
-            shape = tuple(st.engine.get_tensor_shape(name))
+            st.dtypes[name] = np.dtype(trt.nptype(st.engine.get_tensor_dtype(tname)))
+            shape = tuple(st.engine.get_tensor_shape(tname))
             st.sample_shape[name] = tuple(int(s) for s in shape[1:])
         self._check_io(k, st)
         for p in range(st.engine.num_optimization_profiles):
-            st.profiles.append({name: (int(st.engine.get_tensor_profile_shape(name, p)[0][0]),
-                                       int(st.engine.get_tensor_profile_shape(name, p)[2][0])) for name in st.inputs})
+            st.profiles.append({name: (int(st.engine.get_tensor_profile_shape(st.tensor_name(name), p)[0][0]),
+                                       int(st.engine.get_tensor_profile_shape(st.tensor_name(name), p)[2][0]))
+                                for name in st.inputs})
         mb = self.max_batch
         for name in st.inputs + st.outputs:
             if name == st.feat_in or name == "features":
@@ -305,11 +327,21 @@ class TrtBackend(Backend):
                         self._graph_counts_done[name] = self._graph_counts_done.get(name, 0) + v
                     st.graphs.release()  # before the buffers they point at
                     st.graphs = None
+                if st.scratch is not None:
+                    st.scratch.free()
+                    st.scratch = None
                 for buf in st.dev.values():
                     buf.free()
                 for pool in (st.pool, st.merge_pool):
                     while pool is not None and not pool.empty():
                         pool.get_nowait().buf.free()
+                for ev in [st.event, *(st.marks or [])]:
+                    if ev is not None:
+                        self.dev.destroy_event(ev)
+                for stream in (st.stream, st.merge_stream):
+                    if stream is not None:
+                        self.dev.destroy_stream(stream)
+                st.event = st.marks = st.stream = st.merge_stream = None
                 st.context = st.engine = None
             self.stages = []
             self._runtime = None
@@ -317,23 +349,44 @@ class TrtBackend(Backend):
         self.dev = None
 
     # --- infer -----------------------------------------------------------------------------
-    def _select_profile(self, st: _Stage, batches: dict) -> None:
-        """Engines built with bucket profiles: switch to the tightest profile that holds these batch sizes."""
+    def _best_profile(self, st: _Stage, batches: dict) -> int:
+        """The tightest optimisation profile that holds these batch sizes.
+
+        Tightness is the sum of the batch ranges over every input: every profile lets ``features_in`` range over
+        1..max_batch (the previous stage's whole group), so ranking by the largest maximum alone would tie and
+        always pick profile 0; the bucket profiles differ in the ``keep_idx`` / ``input`` range."""
         if len(st.profiles) <= 1:
-            return
+            return 0
         fits = [p for p, prof in enumerate(st.profiles)
                 if all(lo <= batches[name] <= hi for name, (lo, hi) in prof.items() if name in batches)]
         if not fits:
-            raise DmpoEdgeError("trt backend", f"batch sizes {batches} fit none of the engine's optimisation profiles {st.profiles}")
-        best = min(fits, key=lambda p: max(hi for _, hi in st.profiles[p].values()))
+            raise DmpoEdgeError("trt backend", f"batch sizes {batches} fit none of the engine's optimisation profiles "
+                                f"{st.profiles}. Rebuild the engines with a larger --max-batch")
+        return min(fits, key=lambda p: (sum(hi - lo for lo, hi in st.profiles[p].values()), p))
+
+    def _switch_profile(self, context, profile: int, stream, where: str) -> None:
+        """``set_optimization_profile_async``; a refusal (False, or TensorRT's RuntimeError) is a DmpoEdgeError."""
+        try:
+            ok = context.set_optimization_profile_async(int(profile), self.dev.stream_handle(stream))
+        except RuntimeError as exc:
+            ok, why = False, str(exc).strip().splitlines()[0] if str(exc).strip() else "RuntimeError"
+        else:
+            why = "it returned False"
+        if not ok:
+            raise DmpoEdgeError(f"trt backend {where}", f"TensorRT refused to switch to optimisation profile {profile} "
+                                f"({why}; see the TensorRT log). Rebuild the engines: 'dmpo-edge build {self.bundle.path} --force'")
+
+    def _select_profile(self, st: _Stage, batches: dict) -> None:
+        """Engines built with bucket profiles: switch the stage's context to the tightest profile for this call."""
+        best = self._best_profile(st, batches)
         if best != st.profile:
-            st.context.set_optimization_profile_async(best, self.dev.stream_handle(st.stream))
+            self._switch_profile(st.context, best, st.stream, "profile switch")
             st.profile = best
             st.shapes = {}  # every input shape must be set again under the new profile
 
     def _set_shape(self, st: _Stage, name: str, shape: tuple) -> None:
         if st.shapes.get(name) != shape:
-            if not st.context.set_input_shape(name, shape):
+            if not st.context.set_input_shape(st.tensor_name(name), shape):
                 raise DmpoEdgeError("trt backend", f"shape {shape} for {name!r} is outside the engine's profile "
                                     f"(max batch {self.max_batch})")
             st.shapes[name] = shape
@@ -366,11 +419,7 @@ class TrtBackend(Backend):
                 self._check_n(n)
                 h = st.host["input"][:n]
                 h[...] = x
-                if timed:
-                    dev.record(st.marks[0], st.stream)
-                dev.htod_async(st.dev["input"].ptr, h, st.stream)
-                self._select_profile(st, {"input": n})
-                self._set_shape(st, "input", (n, *st.sample_shape["input"]))
+                shapes = {"input": (n, *st.sample_shape["input"])}
             else:
                 keep = np.asarray(feeds["keep_idx"], dtype=np.int32)
                 n = keep.shape[0]
@@ -384,25 +433,37 @@ class TrtBackend(Backend):
                     f = uploaded = self._upload_features(k, st, np.asarray(f))
                 h = st.host["keep_idx"][:n]
                 h[...] = keep
-                dev.htod_async(st.dev["keep_idx"].ptr, h, st.stream)
-                self._select_profile(st, {st.feat_in: f.rows, "keep_idx": n})
-                self._set_shape(st, st.feat_in, (f.rows, *f.shape))
-                self._set_shape(st, "keep_idx", (n,))
-                self._bind(st, st.feat_in, f.buf.ptr)
+                shapes = {st.feat_in: (f.rows, *f.shape), "keep_idx": (n,)}
+            slot = self._graph_slot(k, st, shapes)
+            # where this call's tensors live: the slot's fixed buffers (graphs) or the stage's own
+            where = slot.bufs if slot is not None else st.dev
+            if k == 0:
+                if timed:
+                    dev.record(st.marks[0], st.stream)
+                dev.htod_async(where["input"].ptr, h, st.stream)
+            else:
+                dev.htod_async(where["keep_idx"].ptr, h, st.stream)
+                if slot is not None and f.rows:  # the graph reads its own fixed features buffer
+                    dev.dtod_async(where[st.feat_in].ptr, f.buf.ptr, f.rows * f.row_bytes, st.stream)
+            if slot is None:
+                self._configure(k, st, shapes, None if k == 0 else f)
             out_f = None
             if "features" in st.outputs:
                 out_f = self._acquire(st.pool)
-                self._bind(st, "features", out_f.buf.ptr)
+                if slot is None:
+                    st.context.set_tensor_address(st.tensor_name("features"), out_f.buf.ptr)
             if timed:
                 dev.record(st.marks[1], st.stream)
-            if not self._execute(k, st):
+            if not self._execute(st, slot):
                 if out_f is not None:
                     self.release(out_f)
                 raise DmpoEdgeError(f"trt backend stage {k}", "execute_async_v3 failed (see the TensorRT log above)")
+            if slot is not None and out_f is not None and n:
+                dev.dtod_async(out_f.buf.ptr, where["features"].ptr, n * out_f.row_bytes, st.stream)
             if timed:
                 dev.record(st.marks[2], st.stream)
             for name in ("logits", "confidence", "prediction"):
-                dev.dtoh_async(st.host[name][:n], st.dev[name].ptr, st.stream)
+                dev.dtoh_async(st.host[name][:n], where[name].ptr, st.stream)
             if timed:
                 dev.record(st.marks[3], st.stream)
             dev.record(st.event, st.stream)
@@ -422,23 +483,46 @@ class TrtBackend(Backend):
                     self.release(out_f)
         return res
 
-    def _bind(self, st: _Stage, name: str, ptr: int) -> None:
-        st.context.set_tensor_address(name, ptr)
-        st.addrs[name] = int(ptr)
+    def _configure(self, k: int, st: _Stage, shapes: dict, f) -> None:
+        """The stage's own context for this call: profile, input shapes, the features input's address."""
+        if k == 0:
+            self._select_profile(st, {"input": shapes["input"][0]})
+        else:
+            self._select_profile(st, {st.feat_in: f.rows, "keep_idx": shapes["keep_idx"][0]})
+            st.context.set_tensor_address(st.tensor_name(st.feat_in), f.buf.ptr)
+        for name, shape in shapes.items():
+            self._set_shape(st, name, shape)
 
-    def _execute(self, k: int, st: _Stage) -> bool:
-        """``execute_async_v3`` on the stage's stream, or the CUDA graph of this call's shapes and buffers."""
-        handle = self.dev.stream_handle(st.stream)
+    def _graphs_on(self) -> bool:
+        if not self.graphs_enabled:
+            return False
+        if self.dev.graphs_supported():
+            return True
+        if not self._graphs_note_logged:
+            self._graphs_note_logged = True
+            _log.warning("trt backend: CUDA graphs need the cuda-python device layer (pycuda has no stream capture); "
+                         "running without graphs. pip install 'dmpo-edge[trt]' and pass device='cuda-python' to use them")
+        return False
 
-        def enqueue():
-            return st.context.execute_async_v3(handle)
-
-        if not self.graphs_enabled or not self.dev.graphs_supported():
-            return bool(enqueue())
+    def _graph_slot(self, k: int, st: _Stage, shapes: dict):
+        """The graph slot of this (stage, bucket), or None (graphs off, no room, or this bucket cannot have one)."""
+        if not self._graphs_on():
+            return None
         if st.graphs is None:
-            st.graphs = GraphCache(self.dev, self.max_graphs)
-        key = graph_key(handle, k, st.profile, st.shapes, st.addrs)
-        return st.graphs.run(key, st.stream, enqueue)
+            st.graphs = StageGraphs(self.dev, lambda key, k=k: make_slot(self, k, key), free_slot,
+                                    self.max_graphs, log=_log.warning)
+        return st.graphs.slot(bucket_key(shapes))
+
+    def _bind(self, st: _Stage, name: str, ptr: int) -> None:
+        st.context.set_tensor_address(st.tensor_name(name), ptr)
+
+    def _execute(self, st: _Stage, slot) -> bool:
+        """``execute_async_v3`` on the stage's stream: the stage's context, or the graph slot's (launch or capture)."""
+        handle = self.dev.stream_handle(st.stream)
+        if slot is None:
+            return bool(st.context.execute_async_v3(handle))
+        ctx = slot.context
+        return st.graphs.run(slot, st.stream, lambda: ctx.execute_async_v3(handle))
 
     def _book_timings(self, k: int, st: _Stage) -> None:
         m, ms = st.marks, self.dev.elapsed_ms
