@@ -270,3 +270,33 @@ def tiny_bundle_factory(tmp_path_factory, tiny_checkpoint):
         return cache[key]
 
     return make
+
+
+# ---------------------------------------------------------------------------------------------
+# Named data sets: a tiny checkpoint fitted on any labelled spec (fashion-mnist for the demo)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_checkpoint_for(tmp_path):
+    """``make(spec) -> model.pt`` (:data:`TINY_CONFIG`) whose exits are ridge-fitted on ``spec``'s images."""
+
+    def make(spec: str, count: int = 600) -> str:
+        torch = pytest.importorskip("torch")
+        from dmpo_edge.calib.datasets import load_dataset
+        from dmpo_edge.models import build_model, save_checkpoint
+        from dmpo_edge.models.flops import stage_flops
+        from dmpo_edge.preprocess import Preprocess
+
+        torch.manual_seed(0)
+        model = build_model(dict(TINY_CONFIG)).eval()
+        pre = Preprocess(resize=TINY_IMAGE, crop=TINY_IMAGE)
+        train = load_dataset(spec)
+        train = train.stratified_take(min(count, len(train)))
+        accs = _fit_exit_classifiers(model, pre(train.images), train.labels, len(train.classes))
+        path = tmp_path / "tiny_named_model.pt"
+        save_checkpoint(str(path), model, classes=train.classes, preprocess=pre.to_dict(), loss_schedule={},
+                        metrics={"exit_accuracy": accs, "train_data": spec, **stage_flops(model, TINY_IMAGE)})
+        return str(path)
+
+    return make

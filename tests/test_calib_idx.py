@@ -2,6 +2,7 @@
 Fashion-MNIST files where Debian's package is installed, and one-line errors naming the bad file."""
 
 import gzip
+import re
 import os
 
 import numpy as np
@@ -199,3 +200,28 @@ def test_tune_bad_idx_data_is_one_line_error(tmp_path, capsys):
     rc = main(argv + ["--train-count", "1000"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "asked for 1000 images but" in err, err
+
+
+def test_tune_on_an_idx_subset_logs_its_threads(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from dmpo_edge.cli import main
+    from dmpo_edge.commands.tune import _cnn_image_size
+    from dmpo_edge.models import load_checkpoint
+
+    assert _cnn_image_size("fashion-mnist:train") == 32 and _cnn_image_size("idx:/data/kmnist") == 32
+    assert _cnn_image_size("digits") == 64 and _cnn_image_size(str(tmp_path)) == 64
+    root = str(tmp_path / "t")
+    _write_set(root, n_train=120, n_test=20, classes=3)
+    out = tmp_path / "m.pt"
+    rc = main(["tune", "--data", f"idx:{root}", "--train-count", "30", "--epochs", "1", "--seed", "3",
+               "--backbone", "vit", "--embed-dim", "16", "--depth", "1", "--num-heads", "1", "--patch-size", "8",
+               "--image-size", "16", "--exits", "0", "--no-pretrained", "--quiet", "-o", str(out)])
+    printed, err = capsys.readouterr()
+    assert rc == 0, err
+    # the thread choice is in the closing line (also under --quiet) and in the checkpoint
+    assert re.search(r"in [\d.]+ s; validation on .*; threads: \d+ \(\d+ cores, load \d+\.\d\)", printed), printed
+    _, meta = load_checkpoint(str(out))
+    m = meta["metrics"]
+    assert m["num_train"] == 30 and m["num_val"] == 12  # val: the stratified 10% of the training file
+    assert "30 stratified, seed 3" in m["train_data"] and m["val_data"].endswith(":val")
+    assert m["threads"].startswith("threads: ")

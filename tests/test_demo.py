@@ -2,7 +2,6 @@
 
 import json
 import re
-import pytest
 
 import pytest
 
@@ -52,29 +51,15 @@ def _small_fashion_mnist(root, n_train=1200, n_test=300):
 
 
 @pytest.mark.slow
-def test_demo_on_fashion_mnist_compares_with_the_static_model(tmp_path, capsys, monkeypatch):
+def test_demo_on_fashion_mnist_compares_with_the_static_model(tmp_path, capsys, monkeypatch, tiny_checkpoint_for):
     import os
 
-    torch = pytest.importorskip("torch")
-    from conftest import TINY_CONFIG, TINY_IMAGE, _fit_exit_classifiers
-
-    from dmpo_edge.calib.datasets import load_dataset
     from dmpo_edge.calib.idx_sets import FASHION_MNIST_DIR
-    from dmpo_edge.models import build_model, save_checkpoint
-    from dmpo_edge.models.flops import stage_flops
-    from dmpo_edge.preprocess import Preprocess
 
     if not os.path.exists(os.path.join(FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz")):
         pytest.skip("Debian package dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)")
     monkeypatch.setenv("DMPO_EDGE_FASHION_MNIST", _small_fashion_mnist(str(tmp_path / "fm")))
-    torch.manual_seed(0)
-    model = build_model(dict(TINY_CONFIG)).eval()
-    pre = Preprocess(resize=TINY_IMAGE, crop=TINY_IMAGE)
-    train = load_dataset("fashion-mnist:train")
-    accs = _fit_exit_classifiers(model, pre(train.images), train.labels, 10)
-    ckpt = str(tmp_path / "fashion_model.pt")
-    save_checkpoint(ckpt, model, classes=train.classes, preprocess=pre.to_dict(), loss_schedule={},
-                    metrics={"exit_accuracy": accs, "train_data": "fashion-mnist:train", **stage_flops(model, TINY_IMAGE)})
+    ckpt = tiny_checkpoint_for("fashion-mnist:train")
     work = tmp_path / "demo"
     code = main(["demo", "--data", "fashion-mnist", "--model", ckpt, "--workdir", str(work), "--precision", "fp32",
                  "--calib-count", "64", "--duration", "0.2", "--batch", "16", "--backend", "ort",

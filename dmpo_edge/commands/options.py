@@ -49,9 +49,10 @@ def checked_backend(name, bundle=None, *, where: str, allow_null: bool = False) 
 
 
 def _data_help(what: str, split: str | None, labelled: bool) -> str:
-    sp = f":{split}" if split else "[:train|val|test]"
+    sfx = f":{split}" if split else "[:train|val|test]"
     folder = "a folder with one sub-folder of images per class" if labelled else "a folder of images (class sub-folders optional)"
-    return f"{what}: {folder}, digits{sp} (the bundled digits set), fashion-mnist{sp} or idx:DIR{sp} (MNIST-style IDX files)"
+    return (f"{what}: {folder}, digits{sfx} (the bundled digits set), fashion-mnist{sfx} (Debian's dataset-fashion-mnist) "
+            f"or idx:DIR{sfx} (MNIST-style IDX files)")
 
 
 def add_data(p, flag: str = "--data", *, what: str = "labelled images", split: str | None = None,

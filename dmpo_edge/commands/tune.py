@@ -21,7 +21,8 @@ def add_arguments(p) -> None:
     from .options import add_batch_size, add_data, add_quiet
 
     d = p.add_argument_group("data")
-    add_data(d, what="training images", default="digits")
+    add_data(d, what="training images", default="digits",
+             note="a bare named set (digits, fashion-mnist, idx:DIR) means its train split")
     d.add_argument("--val", default=None, help="validation data (default: the ':val' split of a named set, else a seeded split of --data)")
     d.add_argument("--train-count", type=int, default=None, metavar="N",
                    help="tune on a stratified, seeded subset of N training images (default: all of them)")
@@ -151,8 +152,6 @@ def run(args) -> int:
         "early_head": "first_order" if args.first_order_early_heads else "linear" if args.linear_early_heads else "cov",
         "freeze_backbone": not args.train_backbone,
     }
-    if rank0:
-        print(f"dmpo-edge: {threads_note}", file=sys.stderr)
     if vit and config["pretrained"] is True and rank0:
         print("dmpo-edge: no ViT weights ship offline; tuning from random weights (pass --weights for a timm checkpoint)", file=sys.stderr)
     seed_everything(args.seed)
@@ -169,6 +168,8 @@ def run(args) -> int:
             from ..locking import writer_lock
 
             held.enter_context(writer_lock(out, "tune", "tune", swaps=False))
+        if rank0 and not args.quiet:  # after every input check: an error stays the only line on stderr
+            print(f"dmpo-edge: {threads_note}", file=sys.stderr)
         metrics = tune(
             model, train, val, pre, schedule, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
             weight_decay=args.weight_decay, seed=args.seed, device=args.device, progress=not args.quiet,
@@ -182,6 +183,6 @@ def run(args) -> int:
                         metrics=metrics)
     print(format_exit_table(model.config, metrics))
     print(f"tuned {metrics['num_train']} images x {args.epochs} epochs in {metrics['tune_seconds']:.1f} s; "
-          f"validation on {metrics['val_data']} ({metrics['num_val']} images)")
+          f"validation on {metrics['val_data']} ({metrics['num_val']} images); {threads_note}")
     print(f"wrote {args.output}")
     return 0
