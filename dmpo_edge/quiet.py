@@ -115,18 +115,20 @@ def library_output_collected(verbose: bool = False):
         os.close(w)
         sys.stderr = io.TextIOWrapper(io.FileIO(os.dup(saved), "w"), encoding=getattr(old_stderr, "encoding", None) or "utf-8",
                                       errors="backslashreplace", line_buffering=True)
-    showwarning = warnings.showwarning
+    caught: list = []
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("default")
-            try:
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("default")
                 yield got
-            finally:
-                for w_ in caught:
-                    if os.path.abspath(w_.filename).startswith(roots):
-                        showwarning(w_.message, w_.category, w_.filename, w_.lineno, sys.stderr)
-                    else:
-                        got.warnings.append(f"{w_.category.__name__}: {str(w_.message).splitlines()[0] if str(w_.message) else ''}")
+        finally:
+            # Re-emitted only after the recording block has closed: inside it, showwarning appends to `caught` itself
+            # (and under an outer recorder such as pytest.warns, to the list being iterated), which never ends.
+            for w_ in caught:
+                if os.path.abspath(w_.filename).startswith(roots):
+                    warnings.showwarning(w_.message, w_.category, w_.filename, w_.lineno, sys.stderr)
+                else:
+                    got.warnings.append(f"{w_.category.__name__}: {str(w_.message).splitlines()[0] if str(w_.message) else ''}")
     finally:
         if redirect:
             with contextlib.suppress(Exception):
