@@ -14,10 +14,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 from ...errors import DmpoEdgeError
 from .env import library_path, stub_path, tritonserver_binary, wheel_dir, wheel_libs
+from .ports import wait_models_ready
 
 __all__ = ["TritonServerProcess", "backend_directory", "server_env", "main"]
 
@@ -82,24 +82,12 @@ class TritonServerProcess:
             return ""
 
     def wait_ready(self, models, timeout_s: float = 180.0) -> None:
-        import urllib.error
-        import urllib.request
+        def fail(name):
+            tail = "\n".join(self.log().splitlines()[-15:])
+            raise DmpoEdgeError("tritonserver", f"model {name} is not ready (exit code {self.proc.poll()}). "
+                                f"Log {self.log_path}:\n{tail}")
 
-        deadline = time.monotonic() + timeout_s
-        for name in models:
-            url = f"http://{self.host}:{self.http_port}/v2/models/{name}/ready"
-            while True:
-                try:
-                    with urllib.request.urlopen(url, timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except (urllib.error.URLError, OSError):
-                    pass
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    tail = "\n".join(self.log().splitlines()[-15:])
-                    raise DmpoEdgeError("tritonserver", f"model {name} is not ready (exit code {self.proc.poll()}). "
-                                        f"Log {self.log_path}:\n{tail}")
-                time.sleep(0.2)
+        wait_models_ready(self.host, self.http_port, models, lambda: self.proc.poll() is None, timeout_s, fail)
 
     def stop(self, timeout_s: float = 60.0) -> int | None:
         """SIGTERM (Triton drains in-flight requests, then exits); SIGKILL after ``timeout_s``."""

@@ -6,7 +6,7 @@ import socket
 
 from ...errors import DmpoEdgeError
 
-__all__ = ["check_ports_free", "free_port"]
+__all__ = ["check_ports_free", "free_port", "wait_models_ready"]
 
 
 def check_ports_free(host: str, ports: dict, where: str = "serve") -> None:
@@ -38,3 +38,25 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def wait_models_ready(host: str, http_port: int, models, alive, timeout_s: float, fail) -> None:
+    """Return once every model answers ready on Triton's HTTP endpoint (binding or loading a model returns before it is
+    ready). ``fail(name)`` raises the caller's own error when the server died (``alive()`` false) or time ran out."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    for name in models:
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{int(http_port)}/v2/models/{name}/ready"
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if not alive() or time.monotonic() > deadline:
+                fail(name)
+            time.sleep(0.2)

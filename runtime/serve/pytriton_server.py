@@ -31,7 +31,7 @@ from . import IMAGE, INPUT, MODEL_NAME
 from .env import check_serve_env, library_path
 from .handler import ServeHandler
 from .metrics import ExitMetrics, MetricsServer
-from .ports import check_ports_free
+from .ports import check_ports_free, wait_models_ready
 
 __all__ = ["serve"]
 
@@ -114,24 +114,11 @@ def _bind_models(triton, handler: ServeHandler, model_name: str, max_batch: int,
 
 def wait_ready(host: str, http_port: int, models: list, alive=lambda: True, timeout_s: float = 180.0) -> None:
     """Return once every model answers ready on Triton's HTTP endpoint (binding a model returns before it loads)."""
-    import time
-    import urllib.error
-    import urllib.request
+    def fail(name):
+        raise DmpoEdgeError("serve", f"model {name} did not become ready within {timeout_s:.0f} s. "
+                            "Run with --verbose for Triton's log")
 
-    deadline = time.monotonic() + timeout_s
-    for name in models:
-        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{int(http_port)}/v2/models/{name}/ready"
-        while True:
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if not alive() or time.monotonic() > deadline:
-                raise DmpoEdgeError("serve", f"model {name} did not become ready within {timeout_s:.0f} s. "
-                                    "Run with --verbose for Triton's log")
-            time.sleep(0.2)
+    wait_models_ready(host, http_port, models, alive, timeout_s, fail)
 
 
 def _rows(request) -> int:
