@@ -69,6 +69,27 @@ def _holder(fd) -> str:
     return f" ({text})" if text else ""
 
 
+def _enter_again(key) -> bool:
+    """True when this thread already holds ``key``: the hold is counted once more (locks are per thread and
+    re-entrant, so a command that loads what it is writing does not wait for itself)."""
+    with _held_guard:
+        rec = _held.get(key)
+        if rec is not None and rec[0] == threading.get_ident():
+            rec[1] += 1
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def _held_again(key):
+    try:
+        yield
+    finally:
+        with _held_guard:
+            _held[key][1] -= 1
+
+
+
 @contextlib.contextmanager
 def writer_lock(target: str, where: str, command: str | None = None, swaps: bool = True):
     """Hold the exclusive writer lock of ``target`` (a bundle folder or a checkpoint file); refuse if held.
@@ -79,20 +100,9 @@ def writer_lock(target: str, where: str, command: str | None = None, swaps: bool
         yield
         return
     key = ("w", os.path.realpath(os.path.abspath(target)))
-    me = threading.get_ident()
-    with _held_guard:
-        rec = _held.get(key)
-        if rec is not None and rec[0] == me:
-            rec[1] += 1
-            reentered = True
-        else:
-            reentered = False
-    if reentered:
-        try:
+    if _enter_again(key):
+        with _held_again(key):
             yield
-        finally:
-            with _held_guard:
-                _held[key][1] -= 1
         return
     path, swap = lock_paths(target)
     try:
@@ -119,7 +129,7 @@ def writer_lock(target: str, where: str, command: str | None = None, swaps: bool
             os.ftruncate(fd, 0)
             os.pwrite(fd, info, 0)
         with _held_guard:
-            _held[key] = [me, 1, fd]
+            _held[key] = [threading.get_ident(), 1, fd]
         try:
             yield
         finally:
@@ -138,20 +148,9 @@ def swap_lock(target: str, shared: bool, where: str = "bundle", timeout_s: float
         yield
         return
     key = ("s", os.path.realpath(os.path.abspath(target)))
-    me = threading.get_ident()
-    with _held_guard:
-        rec = _held.get(key)
-        if rec is not None and rec[0] == me:  # nested (Bundle.load inside Pipeline.from_bundle, a writer re-reading)
-            rec[1] += 1
-            nested = True
-        else:
-            nested = False
-    if nested:
-        try:
+    if _enter_again(key):  # nested (Bundle.load inside Pipeline.from_bundle, a writer re-reading)
+        with _held_again(key):
             yield
-        finally:
-            with _held_guard:
-                _held[key][1] -= 1
         return
     path = lock_paths(target)[1]
     # Readers never create lock files (a bundle copied onto a device gets none until a writer runs there);
@@ -179,7 +178,7 @@ def swap_lock(target: str, shared: bool, where: str = "bundle", timeout_s: float
                 time.sleep(delay)
                 delay = min(0.05, delay * 2)
         with _held_guard:
-            _held[key] = [me, 1, fd]
+            _held[key] = [threading.get_ident(), 1, fd]
         try:
             yield
         finally:
