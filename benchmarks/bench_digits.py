@@ -26,6 +26,7 @@ import json
 import os
 import sys
 
+from doc_section import replace_section  # beside this script
 from dmpo_edge.bundle import Bundle, sha256_file
 from dmpo_edge.cli import main as cli
 from dmpo_edge.errors import DmpoEdgeError
@@ -330,16 +331,7 @@ def render(reports: dict, sweeps: dict, plots: dict, int8_rows: list | None = No
 
 
 def write_doc(section: str) -> None:
-    text = open(DOC).read() if os.path.isfile(DOC) else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n## Results: digits on the CPU\n\n" + section + "\n"
-    tmp = DOC + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, DOC)
+    replace_section(DOC, section, BEGIN, END, new_file="# Benchmarks\n", heading="## Results: digits on the CPU\n\n")
 
 
 def main(argv=None) -> int:

@@ -23,6 +23,7 @@ import os
 import sys
 
 
+from doc_section import replace_section  # beside this script
 from dmpo_edge.bundle import Bundle, sha256_file, write_json_atomic
 from dmpo_edge.calib import thresholds as th
 from dmpo_edge.calib.evaluate import calibrate, evaluate, stage_outputs
@@ -154,17 +155,7 @@ def markdown(results: list, img: str) -> str:
 
 def update_results_md(path: str, section: str) -> None:
     """Replace the text between this benchmark's markers (append the section when they are absent)."""
-    text = open(path).read() if os.path.isfile(path) else "# Results\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    replace_section(path, section, BEGIN, END)
 
 
 def main(argv=None) -> int:

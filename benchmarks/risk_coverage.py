@@ -30,6 +30,7 @@ import time
 
 import numpy as np
 
+from doc_section import replace_section  # beside this script
 from dmpo_edge.calib import risk
 from dmpo_edge.calib import thresholds as th
 
@@ -277,16 +278,7 @@ def markdown(results: list, example: dict | None, seconds: float, loadavg: str, 
 
 
 def update_results_md(path: str, section: str) -> None:
-    text = open(path).read() if os.path.isfile(path) else "# Results\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    replace_section(path, section, BEGIN, END)
 
 
 def main(argv=None) -> int:

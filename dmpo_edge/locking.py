@@ -81,6 +81,18 @@ def _enter_again(key) -> bool:
 
 
 @contextlib.contextmanager
+def _holding(key, fd):
+    """Record this thread as the holder of ``key`` (so that it can re-enter) for as long as the block runs."""
+    with _held_guard:
+        _held[key] = [threading.get_ident(), 1, fd]
+    try:
+        yield
+    finally:
+        with _held_guard:
+            _held.pop(key, None)
+
+
+@contextlib.contextmanager
 def _held_again(key):
     try:
         yield
@@ -128,13 +140,10 @@ def writer_lock(target: str, where: str, command: str | None = None, swaps: bool
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
             os.pwrite(fd, info, 0)
-        with _held_guard:
-            _held[key] = [threading.get_ident(), 1, fd]
         try:
-            yield
+            with _holding(key, fd):
+                yield
         finally:
-            with _held_guard:
-                _held.pop(key, None)
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
     finally:
@@ -177,12 +186,7 @@ def swap_lock(target: str, shared: bool, where: str = "bundle", timeout_s: float
                                         "Check for a hung dmpo-edge process and run this again") from None
                 time.sleep(delay)
                 delay = min(0.05, delay * 2)
-        with _held_guard:
-            _held[key] = [threading.get_ident(), 1, fd]
-        try:
+        with _holding(key, fd):
             yield
-        finally:
-            with _held_guard:
-                _held.pop(key, None)
     finally:
         os.close(fd)
