@@ -29,20 +29,12 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..errors import DmpoEdgeError
     from ..runtime.serve.repository import export_triton
 
-    from .options import checked_backend
+    from .options import checked_backend, serve_thresholds
 
     backend = checked_backend(args.backend, where="export-triton --backend")
-    thresholds = None
-    if args.thresholds is not None:
-        from ..runtime.serve.triton_model import parse_thresholds
-
-        try:
-            thresholds = parse_thresholds(args.thresholds)
-        except ValueError:
-            raise DmpoEdgeError("export-triton --thresholds", f"{args.thresholds!r} is not a comma-separated list of numbers") from None
+    thresholds = serve_thresholds(args.thresholds, "export-triton --thresholds")
     info = export_triton(args.bundle, args.repo, name=args.model_name, backend=backend, max_batch=args.max_batch,
                          max_queue_delay_us=args.max_queue_delay_us, instances=args.instances, thresholds=thresholds,
                          force=args.force)

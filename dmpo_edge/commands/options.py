@@ -87,6 +87,19 @@ def add_thresholds(p) -> None:
                    help="explicit exit thresholds overriding the bundle's, one per early exit")
 
 
+
+def serve_thresholds(text, where: str):
+    """``--thresholds`` of the serving commands: None (the bundle's own) or a list, as the Triton model parses it."""
+    if text is None:
+        return None
+    from ..errors import DmpoEdgeError
+    from ..runtime.serve.triton_model import parse_thresholds
+
+    try:
+        return parse_thresholds(text)
+    except ValueError:
+        raise DmpoEdgeError(where, f"{text!r} is not a comma-separated list of numbers") from None
+
 def add_in_flight(p, *, what: str = "batches") -> None:
     """Batches the pipeline keeps in flight; both spellings work in every command (``run`` said ``--in-flight``,
     ``bench`` ``--max-in-flight``, the pipeline's own name)."""

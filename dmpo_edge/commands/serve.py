@@ -36,18 +36,10 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..runtime.serve.pytriton_server import serve
-    from .options import checked_backend
+    from .options import checked_backend, serve_thresholds
 
     backend = checked_backend(args.backend, where="serve --backend")
-    thresholds = None
-    if args.thresholds is not None:
-        from ..errors import DmpoEdgeError
-        from ..runtime.serve.triton_model import parse_thresholds
-
-        try:
-            thresholds = parse_thresholds(args.thresholds)
-        except ValueError:
-            raise DmpoEdgeError("serve --thresholds", f"{args.thresholds!r} is not a comma-separated list of numbers") from None
+    thresholds = serve_thresholds(args.thresholds, "serve --thresholds")
     return serve(args.bundle, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                  metrics_port=args.metrics_port, exit_metrics_port=args.exit_metrics_port, max_batch=args.max_batch,
                  max_queue_delay_us=args.max_queue_delay_us, instances=args.instances, backend=backend, thresholds=thresholds,
