@@ -94,11 +94,31 @@ def test_head_widths_are_validated():
 
 
 def test_thread_choice_follows_free_cores(monkeypatch):
+    from dmpo_edge.models import threads
+
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    for load, want in ((0.1, 2), (0.6, 1), (1.9, 1), (7.5, 1)):
-        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+    for busy, want in ((0.1, 2), (0.6, 1), (1.9, 1), (7.5, 1)):
+        monkeypatch.setattr(threads, "busy_cores", lambda cores, busy=busy: busy)
+        monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 0, 0))  # trails; the measurement wins
         n, why = free_cpu_threads()
-        assert n == want and why == f"2 cores, load {load:.1f}", (load, n, why)
+        assert n == want and why == f"2 cores, {busy:.1f} busy now, load 3.0", (busy, n, why)
+    # no /proc/stat (not Linux): the load average decides
+    monkeypatch.setattr(threads, "busy_cores", lambda cores: None)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.setattr(os, "getloadavg", lambda: (2.2, 0, 0))
     assert free_cpu_threads() == (6, "8 cores, load 2.2")
+
+
+def test_busy_cores_reads_only_this_process_cores(tmp_path, monkeypatch):
+    from dmpo_edge.models import threads
+
+    snaps = iter([
+        "cpu  900 0 0 900 0 0 0 0\ncpu0 100 0 0 300 0 0 0 0\ncpu1 400 0 0 0 0 0 0 0\ncpu2 0 0 0 500 0 0 0 0\n",
+        # +100 ticks each: cpu0 fully busy (user+system), cpu1 idle + iowait, cpu2 busy but not ours
+        "cpu  1200 0 0 1000 0 0 0 0\ncpu0 150 0 50 300 0 0 0 0\ncpu1 400 0 0 60 40 0 0 0\ncpu2 100 0 0 500 0 0 0 0\n",
+    ])
+    stat = tmp_path / "stat"
+    monkeypatch.setattr(threads.time, "sleep", lambda s: stat.write_text(next(snaps)))
+    stat.write_text(next(snaps))
+    assert threads.busy_cores({0, 1}, path=str(stat)) == pytest.approx(1.0)
+    assert threads.busy_cores({0, 1}, path=str(tmp_path / "absent")) is None
