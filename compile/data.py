@@ -31,12 +31,14 @@ class CompileData:
 
 
 def default_holdout_spec(calib: str | None) -> str | None:
-    """Where held-out data comes from when none is given: the test split of a named set (``digits``,
-    ``fashion-mnist``, ``idx:DIR``); None for folders."""
+    """Where held-out data comes from when none is given: the validation split of a named set (``digits``,
+    ``fashion-mnist``, ``idx:DIR``); None for folders. Not the test split: compile *chooses* on this data (the
+    fastest per-stage form within the accuracy budget), and choices are made on validation data, so that the test
+    split stays an unbiased place to report them."""
     from ..calib.datasets import is_named_dataset, named_split
 
     if calib is not None and is_named_dataset(calib):
-        return f"{named_split(calib)[0]}:test"
+        return f"{named_split(calib)[0]}:val"
     return None
 
 

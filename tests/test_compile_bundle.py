@@ -500,3 +500,13 @@ def test_inspect_a_bundle_without_torch_or_onnx(tiny_bundle_factory):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "checksums verified" in r.stdout and "stage_0.onnx" in r.stdout
+
+
+def test_default_holdout_is_the_validation_split(tmp_path):
+    # compile chooses per-stage forms on the held-out data: a choice, so never on the test split
+    from dmpo_edge.compile.data import default_holdout_spec
+
+    assert default_holdout_spec("digits:train") == "digits:val"
+    assert default_holdout_spec("fashion-mnist") == "fashion-mnist:val"
+    assert default_holdout_spec(f"idx:{tmp_path}:train") == f"idx:{tmp_path}:val"
+    assert default_holdout_spec(str(tmp_path)) is None and default_holdout_spec(None) is None

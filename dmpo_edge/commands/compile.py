@@ -29,7 +29,7 @@ def add_arguments(p) -> None:
                    help="INT8 activation range method of the TensorRT form (default entropy; percentile = 99.99; "
                         "compared in docs/results.md)")
     p.add_argument("--holdout", metavar="DATA", help="labelled held-out data for parity and the accuracy report "
-                   "(default: the :test split for digits, fashion-mnist and idx:DIR calibration, else unused calibration images)")
+                   "(default: the :val split for digits, fashion-mnist and idx:DIR calibration, else unused calibration images)")
     p.add_argument("--holdout-count", type=int, default=1000, metavar="N", help="held-out images to use (default 1000)")
     p.add_argument("--max-exit-drop", type=float, default=0.5, metavar="POINTS",
                    help="accuracy points FP16/INT8 may lose at any exit on the held-out data (default 0.5; the TensorRT "
