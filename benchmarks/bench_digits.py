@@ -1,20 +1,23 @@
-"""Latency of the digits DMPO bundle on the CPU backend (ONNX Runtime), fp32 and int8, reproducibly.
+"""Latency of a DMPO bundle on the CPU backend (ONNX Runtime), fp32 and int8, reproducibly: digits (default) or
+Fashion-MNIST (``--data fashion-mnist``; needs Debian's ``dataset-fashion-mnist``).
 
-1. the model: ``out/digits_model.pt`` when it is there, else a fresh ``dmpo-edge tune`` on digits:train;
+1. the model: ``out/digits_model.pt`` (``out/fashion_mnist_model.pt``) when it is there, else a fresh
+   ``dmpo-edge tune --data digits:train`` (``--data fashion-mnist --epochs 3``: the whole training set, 9 minutes
+   on two idle cores, docs/results.md);
 2. the bundles: ``compile_bundle`` to fp32 and int8 under ``OUT/`` (reused when they load and were compiled
    from this very model - the manifest's ``model.source.sha256`` - unless --force; a retrained model is
    picked up by recompiling);
-3. the thresholds: ``dmpo-edge calibrate --val digits:val --max-drop 0.01`` (at most 1 point below the
+3. the thresholds: ``dmpo-edge calibrate --val SET:val --max-drop 0.01`` (at most 1 point below the
    last exit's accuracy on the validation split);
-4. ``dmpo-edge bench`` on digits:test, batch 1, 8, 32, early exit against the static pipeline and the peer
+4. ``dmpo-edge bench`` on SET:test, batch 1, 8, 32, early exit against the static pipeline and the peer
    one-graph model (what users would run instead) interleaved, plus the threshold sweep at batch 32 and the
    host overhead with the null backend;
 5. INT8 against FP32: both bundles' early-exit pipelines timed interleaved in one process, per batch size;
-6. the results, with the machine and the versions, between the markers of ``docs/benchmarks.md``.
+6. the results, with the machine and the versions, between the data set's markers in ``docs/benchmarks.md``.
 
 Run from the repository root::
 
-    python benchmarks/bench_digits.py [--out out/bench_digits] [--duration 3] [--force] [--no-docs]
+    python benchmarks/bench_digits.py [--data digits|fashion-mnist] [--out DIR] [--duration 3] [--force] [--no-docs]
 """
 
 from __future__ import annotations
@@ -33,9 +36,21 @@ from dmpo_edge.errors import DmpoEdgeError
 from dmpo_edge.runtime.bench import threads_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = os.path.join(ROOT, "out", "digits_model.pt")
 DOC = os.path.join(ROOT, "docs", "benchmarks.md")
-BEGIN, END = "<!-- bench-digits:begin -->", "<!-- bench-digits:end -->"
+# per data set: where its model lives, how it is tuned when absent, its section of docs/benchmarks.md
+SETS = {
+    "digits": {"model": os.path.join(ROOT, "out", "digits_model.pt"), "tune": ["--data", "digits:train"],
+               "slug": "digits", "heading": "## Results: digits on the CPU\n\n"},
+    "fashion-mnist": {"model": os.path.join(ROOT, "out", "fashion_mnist_model.pt"),
+                      "tune": ["--data", "fashion-mnist", "--epochs", "3"],
+                      "slug": "fashion_mnist", "heading": "## Results: Fashion-MNIST on the CPU\n\n"},
+}
+SET = "digits"  # the one this run measures (main sets it)
+
+
+def _markers() -> tuple:
+    tag = "bench-" + SET
+    return f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
 PRECISIONS = ("fp32", "int8")
 BATCHES = "1,8,32"
 MAX_DROP = 0.01
@@ -52,12 +67,13 @@ def _run(argv: list) -> None:
 
 
 def ensure_model(force: bool) -> str:
-    if os.path.isfile(MODEL) and not force:
-        print(f"reusing {os.path.relpath(MODEL, ROOT)}")
-        return MODEL
-    os.makedirs(os.path.dirname(MODEL), exist_ok=True)
-    _run(["tune", "--data", "digits:train", "-o", MODEL])
-    return MODEL
+    model = SETS[SET]["model"]
+    if os.path.isfile(model) and not force:
+        print(f"reusing {os.path.relpath(model, ROOT)}")
+        return model
+    os.makedirs(os.path.dirname(model), exist_ok=True)
+    _run(["tune"] + SETS[SET]["tune"] + ["-o", model])
+    return model
 
 
 def _built_from(b: Bundle, model: str) -> bool:
@@ -88,28 +104,28 @@ def ensure_bundle(model: str, path: str, precision: str, force: bool) -> Bundle:
     # compile_bundle passes its keyword options on to compile_model
     params = {**inspect.signature(compile_model).parameters, **inspect.signature(compile_bundle).parameters}
     if precision == "int8" and "calib" in params:
-        kw["calib"] = "digits:train"  # INT8 ranges from the training split, never the bench (test) split
+        kw["calib"] = f"{SET}:train"  # INT8 ranges from the training split, never the bench (test) split
         if "holdout" in params:  # accuracy of each candidate form judged on the validation split, never the test split
-            kw["holdout"] = "digits:val"
+            kw["holdout"] = f"{SET}:val"
         if "accept_drop" in params:  # a budget miss is reported in the bundle, and the benchmark still runs
             kw["accept_drop"] = True
     if "accept_drop" in params:
         kw["accept_drop"] = True  # a benchmark measures the bundle; the accuracy budget is compile's to report
     print(f"compiling {os.path.relpath(model, ROOT)} -> {os.path.relpath(path, ROOT)} ({precision})", flush=True)
     compile_bundle(model, path, **kw)
-    _run(["calibrate", path, "--val", "digits:val", "--max-drop", str(MAX_DROP), "--quiet"])
+    _run(["calibrate", path, "--val", f"{SET}:val", "--max-drop", str(MAX_DROP), "--quiet"])
     return Bundle.load(path)
 
 
 def bench(path: str, out_json: str, duration: float, extra: list) -> dict:
-    _run(["bench", path, "--backend", "ort", "--data", "digits:test", "--duration", str(duration),
+    _run(["bench", path, "--backend", "ort", "--data", f"{SET}:test", "--duration", str(duration),
           "--json", out_json, "--quiet"] + extra)
     with open(out_json) as f:
         return json.load(f)
 
 
 def int8_against_fp32(paths: dict, batches: list, duration: float) -> list:
-    """Both bundles' early-exit pipelines on the same digits:test batches, interleaved in one process."""
+    """Both bundles' early-exit pipelines on the same SET:test batches, interleaved in one process."""
     import numpy as np
 
     from dmpo_edge.calib.datasets import load_dataset
@@ -118,7 +134,7 @@ def int8_against_fp32(paths: dict, batches: list, duration: float) -> list:
     from dmpo_edge.runtime.pipeline import Pipeline
 
     bundles = {p: Bundle.load(path) for p, path in paths.items()}
-    ds = load_dataset("digits:test")
+    ds = load_dataset(f"{SET}:test")
     pipes = {p: Pipeline.from_bundle(b, backend="ort") for p, b in bundles.items()}
     rows = []
     try:
@@ -290,9 +306,10 @@ def render(reports: dict, sweeps: dict, plots: dict, int8_rows: list | None = No
     m = first["machine"]
     v = m["versions"]
     th = {p: r["thresholds"] for p, r in reports.items()}
+    begin, end = _markers()
     lines = [
-        BEGIN,
-        f"_Generated by `python benchmarks/bench_digits.py` on {_dt.date.today().isoformat()}._",
+        begin,
+        f"_Generated by `python benchmarks/bench_digits.py{'' if SET == 'digits' else ' --data ' + SET}` on {_dt.date.today().isoformat()}._",
         "",
         f"- machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable by this process), {m['platform']}; "
         f"load average (1, 5, 15 min) at the start of the fp32 run {', '.join(f'{x:.2f}' for x in (m.get('loadavg') or []))}"
@@ -326,35 +343,41 @@ def render(reports: dict, sweeps: dict, plots: dict, int8_rows: list | None = No
             lines += ["", f"![{p} sweep]({os.path.relpath(png, os.path.dirname(DOC))})"]
     lines += ["", "### Host overhead (null backend: the pipeline without inference)", ""] + _overhead_table(reports)
     lines += ["", "### Targets", ""] + _verdicts(reports, int8_rows)
-    lines.append(END)
+    lines.append(end)
     return "\n".join(lines)
 
 
 def write_doc(section: str) -> None:
-    replace_section(DOC, section, BEGIN, END, new_file="# Benchmarks\n", heading="## Results: digits on the CPU\n\n")
+    replace_section(DOC, section, *_markers(), new_file="# Benchmarks\n", heading=SETS[SET]["heading"])
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=os.path.join(ROOT, "out", "bench_digits"))
+    ap.add_argument("--data", choices=sorted(SETS), default="digits",
+                    help="the data set: its model, splits (train: INT8 ranges, val: held-out and thresholds, test: bench) "
+                         "and section of docs/benchmarks.md")
+    ap.add_argument("--out", default=None, help="bundles and reports (default out/bench_digits, out/bench_fashion_mnist)")
     ap.add_argument("--duration", type=float, default=3.0, help="seconds per batch size (trtexec's default 3)")
     ap.add_argument("--precisions", default=",".join(PRECISIONS))
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     ap.add_argument("--force", action="store_true", help="recompile and recalibrate the bundles")
-    ap.add_argument("--retune", action="store_true", help="tune a new model even if out/digits_model.pt exists")
-    ap.add_argument("--model", help="benchmark this digits model.pt instead of out/digits_model.pt")
+    ap.add_argument("--retune", action="store_true", help="tune a new model even if the data set's model exists")
+    ap.add_argument("--model", help="benchmark this model.pt (tuned on the data set) instead of the one under out/")
     args = ap.parse_args(argv)
+    global SET
+    SET = args.data
+    args.out = args.out or os.path.join(ROOT, "out", "bench_" + SETS[SET]["slug"])
     os.makedirs(args.out, exist_ok=True)
     model = os.path.abspath(args.model) if args.model else ensure_model(args.retune)
     reports, sweeps, plots = {}, {}, {}
     for prec in [p.strip() for p in args.precisions.split(",") if p.strip()]:
-        path = os.path.join(args.out, f"digits_{prec}")
+        path = os.path.join(args.out, f"{SETS[SET]['slug']}_{prec}")
         ensure_bundle(model, path, prec, args.force)
         reports[prec] = bench(path, os.path.join(args.out, f"bench_{prec}.json"), args.duration,
                               ["--batch", BATCHES, "--host-overhead"])
         if not args.no_sweep:
-            png = os.path.join(ROOT, "docs", "img", f"bench_digits_sweep_{prec}.png")
+            png = os.path.join(ROOT, "docs", "img", f"bench_{SETS[SET]['slug']}_sweep_{prec}.png")
             # a shorter window per budget point: 8 points x duration would make the sweep the long pole
             sweeps[prec] = bench(path, os.path.join(args.out, f"sweep_{prec}.json"), max(0.5, args.duration / 3),
                                  ["--batch", "32", "--sweep", "--plot", png])
@@ -362,7 +385,7 @@ def main(argv=None) -> int:
     int8_rows = None
     if set(reports) >= {"fp32", "int8"}:
         print("int8 against fp32, interleaved", flush=True)
-        int8_rows = int8_against_fp32({p: os.path.join(args.out, f"digits_{p}") for p in ("fp32", "int8")},
+        int8_rows = int8_against_fp32({p: os.path.join(args.out, f"{SETS[SET]['slug']}_{p}") for p in ("fp32", "int8")},
                                       [int(b) for b in BATCHES.split(",")], args.duration)
         with open(os.path.join(args.out, "int8_vs_fp32.json"), "w") as f:
             json.dump(int8_rows, f, indent=1)
