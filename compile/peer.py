@@ -3,7 +3,8 @@
 The same tuned model without early exits (every trunk segment + the final exit, LoRA folded, no early exit
 heads), exported as one graph in the bundle's precision, with the settings a user would take for one graph:
 FP16 and INT8 by the same tools as the stages, INT8 calibrated on the same images, and for ONNX Runtime on
-the CPU the faster of the two U8 forms (QDQ / QOperator) that keeps within the CPU accuracy budget. ``bench``
+the CPU the fastest of FP32 and the two U8 forms (QDQ / QOperator) that keeps within the CPU accuracy budget,
+chosen by the stages' rule. ``bench``
 times it in the same interleaved run as the early-exit pipeline: its speed-up over the peer is the figure
 that says whether early exit pays against what users would run instead.
 """
@@ -78,7 +79,7 @@ def peer_precision(precision: str, fp32_path: str, info: dict, out_dir: str, dat
                            features_out=None, opset=opset, tool=fp16_tool)
         check_model(dst, where="fp16 peer model")
         return {"file": dst, "cpu_file": None, "record": {"mode": "fp16", "tool": rec["tool"], "fp32_nodes": rec["fp32_nodes"]}}
-    from .int8 import CPU_FORMATS, image_layer_nodes, quantize_cpu_form, quantize_tensorrt_form, time_sessions
+    from .int8 import CPU_FORMATS, image_layer_nodes, quantize_cpu_form, quantize_tensorrt_form
 
     # the same layers as the stages keep FP32: a second-order final head; the image layer in the CPU form
     head = list(info["head_nodes"]) if info["second_order"] else []
@@ -95,29 +96,31 @@ def peer_precision(precision: str, fp32_path: str, info: dict, out_dir: str, dat
         except Exception as exc:  # a form ORT cannot produce for this graph is skipped; the other may work
             cands[fmt] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
     rec = {"mode": "int8", "tool": tool, "fp32_nodes": len(head), "cpu_fp32_nodes": len(set(head) | set(stem))}
-    if not made:
-        rec["cpu_format"] = "tensorrt_form"
-        rec["cpu_candidates"] = cands
-        return {"file": dst, "cpu_file": None, "record": rec}
+    # FP32 is a candidate too, timed in the same rounds at batch 1 and at the calibration batch and chosen by the
+    # same rule as each stage's form (stage_forms.choose_form): a user who quantizes one graph and finds the U8
+    # form slower keeps FP32, so the peer is never slower than the FP32 one. (On an AVX2 CPU the QDQ form of the
+    # whole EfficientNet-Lite0 ran 8x slower than FP32: its early depthwise layers do not fuse into U8 kernels.)
+    from .stage_forms import TIMING_BATCHES, choose_form, time_forms
+
     timing = feeds[0] if feeds else None
-    ms = time_sessions(made, timing) if timing is not None else {f: 0.0 for f in made}
+    timed = {"fp32": fp32_path, **made}
+    ms = time_forms(timed, timing, TIMING_BATCHES) if timing is not None else {f: {} for f in timed}
     hold = data.holdout_x
     ref = peer_accuracy(fp32_path, hold, data.holdout_y) if hold is not None else None
+    cands["fp32"] = {"ms_by_batch": ms["fp32"], "drop_points": 0.0}
     for fmt, p in made.items():
-        c = {"ms": round(ms[fmt], 3)}
+        c = {"ms_by_batch": ms[fmt]}
         if ref is not None:
             got = peer_accuracy(p, hold, data.holdout_y)
             c["drop_points"] = (100.0 * (ref["accuracy"] - got["accuracy"]) if "accuracy" in ref
                                 else 100.0 * float((got["prediction"] != ref["prediction"]).mean()))
         cands[fmt] = c
-    ok = [f for f in made if cands[f].get("drop_points", 0.0) <= drop_points]
-    rec.update({"cpu_candidates": cands, "timing_batch": int(timing["input"].shape[0]) if timing else None})
-    if not ok:  # no U8 form keeps the accuracy: the peer runs in FP32 on the CPU, as the stages then do
-        rec["cpu_format"] = "fp32"
-        return {"file": dst, "cpu_file": fp32_path, "record": rec}
-    chosen = min(ok, key=lambda f: cands[f]["ms"])
-    rec["cpu_format"] = chosen
-    return {"file": dst, "cpu_file": made[chosen], "record": rec}
+    drops = {f: c.get("drop_points", 0.0) for f, c in cands.items() if "error" not in c}
+    chosen, why = choose_form({f: ms[f] for f in timed}, drops, drop_points) if timing is not None else ("fp32", "not timed")
+    rec.update({"cpu_candidates": cands, "timing_batches": [b for b in TIMING_BATCHES if timing is not None
+                                                            and timing["input"].shape[0] >= b],
+                "cpu_format": chosen, "cpu_choice": why})
+    return {"file": dst, "cpu_file": timed[chosen], "record": rec}
 
 
 def peer_entry(bundle_dir: str, made: dict, info: dict) -> dict:

@@ -18,6 +18,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import numpy_helper  # noqa: E402
 
 from dmpo_edge.compile.graph import exit_head_nodes  # noqa: E402
+from dmpo_edge.compile.compiler import CPU_DROP_POINTS  # noqa: E402
 from dmpo_edge.compile.opcheck import check_tensorrt_ops  # noqa: E402
 
 INT8_OPTS = {"calib_count": 128, "holdout_count": 150}
@@ -510,3 +511,24 @@ def test_default_holdout_is_the_validation_split(tmp_path):
     assert default_holdout_spec("fashion-mnist") == "fashion-mnist:val"
     assert default_holdout_spec(f"idx:{tmp_path}:train") == f"idx:{tmp_path}:val"
     assert default_holdout_spec(str(tmp_path)) is None and default_holdout_spec(None) is None
+
+
+def test_int8_peer_cpu_form_is_the_fastest_within_budget_of_fp32_and_the_u8_forms(tiny_bundle_factory):
+    # the peer is what a user would run instead: one who finds the quantized graph slower keeps FP32, so FP32 is
+    # timed beside the U8 forms and the peer's CPU form is never one that was slower than FP32 where compiled
+    b = tiny_bundle_factory("int8", **INT8_OPTS)
+    rec = b.manifest["peer"]["precision"]
+    cands = rec["cpu_candidates"]
+    assert cands["fp32"]["drop_points"] == 0.0 and set(cands["fp32"]["ms_by_batch"]) == {"1", "32"}
+    timed = {f: c["ms_by_batch"] for f, c in cands.items() if "ms_by_batch" in c}
+    assert {"fp32"} < set(timed) <= {"fp32", "QDQ", "QOperator"}
+
+    def rel(f):  # mean time relative to FP32 over the timed batch sizes
+        return sum(timed[f][k] / timed["fp32"][k] for k in timed["fp32"]) / len(timed["fp32"])
+
+    chosen = rec["cpu_format"]
+    assert chosen in timed and rel(chosen) <= 1.0
+    admissible = [f for f in timed if cands[f].get("drop_points", 0.0) <= CPU_DROP_POINTS + 1e-9]
+    assert rel(chosen) == min(rel(f) for f in admissible)
+    assert b.manifest["peer"]["variants"]["cpu"]["format"] == chosen
+    assert os.path.isfile(os.path.join(b.path, "peer.cpu.onnx"))

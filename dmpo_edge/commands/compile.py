@@ -82,7 +82,9 @@ def _print_summary(bundle, seconds: float) -> None:
     if peer:
         cpu_form = (peer.get("variants") or {}).get("cpu", {}).get("file")
         print(f"peer one-graph model: {peer['file']}" + (f" and {cpu_form}" if cpu_form else "")
-              + f" ({peer['precision']['mode']}; agreement with the last exit "
+              + f" ({peer['precision']['mode']}"
+              + (f", CPU form {peer['precision']['cpu_format']}" if peer["precision"].get("cpu_format") else "")
+              + "; agreement with the last exit "
               f"{100 * par.get('peer', {}).get('agreement_with_last_exit', float('nan')):.1f}%)")
     rep = os.path.join(bundle.path, "reports", "precision.json")
     if os.path.isfile(rep):
