@@ -219,7 +219,7 @@ def test_tune_on_an_idx_subset_logs_its_threads(tmp_path, capsys):
     printed, err = capsys.readouterr()
     assert rc == 0, err
     # the thread choice is in the closing line (also under --quiet) and in the checkpoint
-    assert re.search(r"in [\d.]+ s; validation on .*; threads: \d+ \(\d+ cores, load \d+\.\d\)", printed), printed
+    assert re.search(r"in [\d.]+ s; validation on .*; threads: \d+ \(\d+ cores, \d+\.\d busy now, load \d+\.\d\)", printed), printed
     _, meta = load_checkpoint(str(out))
     m = meta["metrics"]
     assert m["num_train"] == 30 and m["num_val"] == 12  # val: the stratified 10% of the training file
