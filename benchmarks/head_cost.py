@@ -5,7 +5,7 @@ The covariance head of a DMPO exit (1x1 reduction, covariance pooling, Newton-Sc
 in FLOPs but made of many small matrix products, which run fewer FLOPs per second than the trunk's convolutions;
 this measures by how much. Run from the repository root::
 
-    python benchmarks/head_cost.py out/bench_digits/digits_fp32 [--stage 0] [--threads 2] [--rounds 30]
+    python benchmarks/head_cost.py out/bench_digits/digits_fp32 [--threads 2] [--rounds 30]
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ def _session(path: str, threads: int):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle")
-    ap.add_argument("--stage", type=int, default=0, help="only 0: the stage that takes images")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--batches", default="1,32")
@@ -40,8 +39,6 @@ def main(argv=None) -> int:
     import onnx
     from onnx.utils import Extractor
 
-    if args.stage != 0:
-        raise SystemExit("only stage 0 takes images; the later stages need the previous stage's features")
     with open(os.path.join(args.bundle, "manifest.json")) as f:
         stage = json.load(f)["stages"][0]
     path = os.path.join(args.bundle, stage["file"])

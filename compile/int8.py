@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 
 import numpy as np
 
@@ -36,7 +35,7 @@ from ._quiet import quiet_tools
 from .graph import ensure_node_names, load_model, save_model
 
 __all__ = [
-    "make_reader", "quantize_tensorrt_form", "quantize_cpu_form", "time_session", "time_sessions", "CALIB_METHODS",
+    "make_reader", "quantize_tensorrt_form", "quantize_cpu_form", "CALIB_METHODS",
     "CPU_FORMATS", "CPU_WEIGHT_SCHEMES", "apply_ranges", "cpu_weight_schemes", "cpu_weight_scheme", "batched_feeds", "image_layer_nodes",
 ]
 
@@ -344,24 +343,3 @@ def image_layer_nodes(model, image_input: str = "input") -> list:
             else:
                 front.extend(o for o in n.output if o)
     return out
-
-
-def time_sessions(paths: dict, feeds: dict, repeats: int = 7, threads: int | None = None) -> dict:
-    """Best-of-``repeats`` wall time (ms) per graph, runs interleaved so that a busy machine slows all alike."""
-    from .onnxrun import session
-
-    sessions = {name: session(p, threads) for name, p in paths.items()}
-    best = {name: float("inf") for name in paths}
-    for sess in sessions.values():
-        sess.run(None, feeds)
-    for _ in range(repeats):
-        for name, sess in sessions.items():
-            t = time.perf_counter()
-            sess.run(None, feeds)
-            best[name] = min(best[name], (time.perf_counter() - t) * 1000.0)
-    return best
-
-
-def time_session(path: str, feeds: dict, repeats: int = 5, threads: int | None = None) -> float:
-    """Best wall time (ms) of one run of ``path`` on ``feeds`` in ONNX Runtime on the CPU."""
-    return time_sessions({"g": path}, feeds, repeats, threads)["g"]

@@ -117,9 +117,7 @@ def peer_precision(precision: str, fp32_path: str, info: dict, out_dir: str, dat
         cands[fmt] = c
     drops = {f: c.get("drop_points", 0.0) for f, c in cands.items() if "error" not in c}
     chosen, why = choose_form({f: ms[f] for f in timed}, drops, drop_points) if timing is not None else ("fp32", "not timed")
-    rec.update({"cpu_candidates": cands, "timing_batches": [b for b in TIMING_BATCHES if timing is not None
-                                                            and timing["input"].shape[0] >= b],
-                "cpu_format": chosen, "cpu_choice": why})
+    rec.update({"cpu_candidates": cands, "timing_batches": sorted(ms["fp32"]), "cpu_format": chosen, "cpu_choice": why})
     return {"file": dst, "cpu_file": timed[chosen], "record": rec}
 
 
